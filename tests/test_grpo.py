@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
 
-from alignkit.algorithms.grpo import GRPOConfig, GRPOLoss, RolloutBatch, advantages_for, rollout_rows, run_grpo
+from alignkit.algorithms.grpo import GRPOConfig, GRPOLoss, RolloutBatch, advantages_for, run_grpo
 from alignkit.data.records import user_prompt
 from alignkit.data.tokenize import IGNORE, collate
-from alignkit.generation import Completion, Sample
+from alignkit.errors import AlignkitError
+from alignkit.generation import Completion, Sample, rollout_rows
 from alignkit.logprobs import TokenLogprobModel
 from alignkit.models import TINY_LLAMA, load_model
 from conftest import SHARED_DATA, read_metrics, run_cli
 
 GSM8K = str(SHARED_DATA / "gsm8k" / "train.jsonl")
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def config(tmp_path, **overrides) -> GRPOConfig:
@@ -95,3 +101,33 @@ def test_a_reward_function_that_raises_or_returns_nan_is_named(tmp_path):
     assert result.returncode == 2 and "boom" in result.stderr and "kaput" in result.stderr and "Traceback" not in result.stderr
     result = run_cli(*common, str(tmp_path / "b"), "--reward", f"python:{bad}:nan")
     assert result.returncode == 2 and "nan" in result.stderr.lower() and "Traceback" not in result.stderr
+
+
+def test_held_out_checkpoints_trace_proxy_gold_and_kl_without_changing_training(tmp_path, e_reward):
+    # LoRA dropout draws from torch's global RNG in every training step, and generation reseeds that RNG: an
+    # evaluation that did not restore it would change the losses after it.
+    common = dict(reward=e_reward, lora_r=4, lora_dropout=0.5, beta=0.1, lr=5e-2, max_steps=5,
+                  eval_prompts=str(SHARED_DATA / "gsm8k" / "test_500.jsonl"), eval_limit=4)  # fmt: skip
+    tracked = run_grpo(config(tmp_path, output=str(tmp_path / "tracked"), eval_every=2, gold_reward="gsm8k", **common))
+    plain = run_grpo(config(tmp_path, output=str(tmp_path / "plain"), **common))
+    assert [m["loss"] for m in read_metrics(tmp_path / "tracked")] == [m["loss"] for m in read_metrics(tmp_path / "plain")]
+
+    rows = read_jsonl(tmp_path / "tracked" / "overoptimisation.jsonl")
+    assert [r["step"] for r in rows] == [0, 2, 4, 5]
+    assert set(rows[0]) == {"step", "kl", "sqrt_kl", "proxy", "gold", "length", "distinct_2"}
+    assert rows[0]["kl"] == 0.0 and rows[0]["sqrt_kl"] == 0.0  # the policy is its reference before training
+    assert rows[-1]["kl"] != 0.0 and rows[-1]["sqrt_kl"] == pytest.approx(max(rows[-1]["kl"], 0.0) ** 0.5)
+    assert all(r["gold"] in (0.0, 0.25, 0.5, 0.75, 1.0) and r["length"] > 0 for r in rows)
+    assert tracked["eval_after"]["reward"] == rows[-1]["proxy"] and tracked["eval_before"]["reward"] == rows[0]["proxy"]
+    assert set(tracked["alarms"]) == {"overoptimisation", "length_drift", "mode_collapse"}
+    # --eval-every 0: before and after only, and without a gold reward no over-optimisation verdict.
+    plain_rows = read_jsonl(tmp_path / "plain" / "overoptimisation.jsonl")
+    assert [r["step"] for r in plain_rows] == [0, 5] and plain_rows[-1]["gold"] is None
+    assert plain_rows[-1]["proxy"] == rows[-1]["proxy"] and "overoptimisation" not in plain["alarms"]
+
+
+def test_eval_every_and_gold_reward_need_held_out_prompts(tmp_path, e_reward):
+    with pytest.raises(AlignkitError, match="eval-prompts"):
+        config(tmp_path, reward=e_reward, gold_reward="gsm8k")
+    with pytest.raises(AlignkitError, match="eval-every"):
+        config(tmp_path, reward=e_reward, eval_prompts=GSM8K, eval_every=-1)

@@ -3,6 +3,8 @@ model initialised from a reward model, and option checks."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from alignkit.algorithms.ppo import AdaptiveKL, PPOConfig, run_ppo
@@ -65,3 +67,16 @@ def test_options_that_cannot_work_are_refused(tmp_path, e_reward):
         config(tmp_path, e_reward, rollout_size=6, batch_size=4)
     with pytest.raises(AlignkitError, match="ptx-data"):
         config(tmp_path, e_reward, ptx_coef=0.1)
+
+
+def test_held_out_checkpoints_between_minibatches_leave_training_unchanged(tmp_path, e_reward):
+    # Four steps per rollout, evaluated every other step: the evaluation falls between two minibatches of one
+    # rollout, whose LoRA dropout draws from the torch RNG that generation reseeds.
+    common = dict(lora_r=4, lora_dropout=0.5, max_steps=8, eval_prompts=PROMPTS, eval_limit=3)
+    run_ppo(config(tmp_path / "tracked", e_reward, eval_every=2, gold_reward=e_reward, **common))
+    run_ppo(config(tmp_path / "plain", e_reward, **common))
+    assert [m["loss"] for m in read_metrics(tmp_path / "tracked" / "out")] == [m["loss"] for m in read_metrics(tmp_path / "plain" / "out")]
+    rows = [json.loads(line) for line in (tmp_path / "tracked" / "out" / "overoptimisation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4, 6, 8]
+    assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] != 0.0
+    assert [r["gold"] for r in rows] == [r["proxy"] for r in rows]  # the same scorer as both

@@ -101,3 +101,20 @@ def test_report_renders_in_chromium_without_broken_images(sft_run, tmp_path):
             assert shot.stat().st_size > 10_000
         finally:
             browser.close()
+
+
+def checkpoint_rows(gold: list[float]) -> list[dict]:
+    return [{"step": 10 * i, "kl": i * i / 4, "sqrt_kl": i / 2, "proxy": 0.1 * i, "gold": g, "length": 20.0 + i,
+             "distinct_2": 0.6} for i, g in enumerate(gold)]  # fmt: skip
+
+
+@pytest.mark.parametrize("gold, fires", [([0.0, 0.2, 0.4, 0.5, 0.4, 0.2, 0.0, -0.2], True),
+                                         ([0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], False)])  # fmt: skip
+def test_the_overoptimisation_curve_is_plotted_with_its_alarm(tmp_path, gold, fires):
+    write_jsonl(tmp_path / "overoptimisation.jsonl", checkpoint_rows(gold))
+    page = build_report(tmp_path)
+    assert 'alt="proxy and gold reward against square-root KL" src="data:image/png;base64,' in page
+    assert 'alt="answer length and distinct-2 against step" src="data:image/png;base64,' in page
+    assert ('class="alarm"' in page) == fires
+    assert ("held-out overoptimisation, step 50" in page and "reward over-optimisation at checkpoint 5" in page) == fires
+    assert ("no over-optimisation over 8 checkpoints" in page) != fires  # the quiet verdict is listed instead

@@ -292,11 +292,16 @@ def train(
     accelerator: Accelerator | None = None,
     extra_summary: dict[str, Any] | None = None,
     checkpointed: Sequence[Any] = (),
+    on_step: Callable[[int, int], None] | None = None,
 ) -> RunResult:
     """Run the optimisation to the end (or resume it), log metrics, checkpoint, and save the final model.
 
     `checkpointed` objects (with `state_dict` / `load_state_dict`, e.g. an adaptive KL controller) are saved
     in every checkpoint and restored on resume, with the model, optimiser, scheduler and RNG states.
+    `on_step(step, total)` runs on the main process once before the first step (with 0, or the step a resumed
+    run starts from) and after every optimiser step, before that step's checkpoint is written: a held-out
+    evaluation there is on disk whenever the checkpoint is. It must leave the model and every RNG as it
+    found them, or the run would train differently with it.
     """
     output = Path(config.output)
     accelerator = accelerator or make_accelerator(config)
@@ -345,6 +350,8 @@ def train(
         accelerator.print(f"resuming from {path} (step {start} of {steps})")
     if accelerator.is_main_process:
         _truncate_metrics(metrics_file, start)
+    if on_step is not None and accelerator.is_main_process:
+        on_step(start, steps)
     per_step = config.grad_accum * accelerator.num_processes
     stream.skip(start * per_step)
     batches = iter(stream)
@@ -425,6 +432,8 @@ def train(
                     handle.write(json.dumps(record) + "\n")
             if config.report_to:
                 accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
+        if on_step is not None and accelerator.is_main_process:
+            on_step(done, steps)
         if config.save_every and done % config.save_every == 0 and done < steps:
             checkpoints.save(accelerator, done, {"tokens": tokens_total})
     bar.close()

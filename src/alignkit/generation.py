@@ -18,7 +18,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from alignkit.data.loading import load_records
 from alignkit.data.records import Prompt, PromptWithAnswer
-from alignkit.data.tokenize import prompt_ids
+from alignkit.data.tokenize import IGNORE, Example, prompt_ids
 from alignkit.errors import AlignkitError
 from alignkit.io import write_jsonl
 from alignkit.models import load_model, load_tokenizer
@@ -55,6 +55,17 @@ class Sample:
     prompt: Prompt
     prompt_token_ids: list[int]
     completions: list[Completion]
+
+
+def rollout_rows(samples: list[Sample]) -> list[list[Example]]:
+    """Each completion as a row: prompt then completion tokens, trained on the completion (and its stop token)."""
+    rows = []
+    for sample in samples:
+        for completion in sample.completions:
+            ids = sample.prompt_token_ids + completion.trained_ids
+            labels = [IGNORE] * (len(sample.prompt_token_ids) - 1) + completion.trained_ids + [IGNORE]
+            rows.append([Example(ids, labels)])
+    return rows
 
 
 class Generator(Protocol):

@@ -107,9 +107,13 @@ class RolloutOptions:
     limit: int = 0
     """use only the first N training prompts (0: all)"""
     eval_prompts: str = ""
-    """held-out prompts: mean reward of greedy answers (the accuracy, for a 0/1 verifier) before and after training"""
+    """held-out prompts: mean reward of greedy answers (the accuracy, for a 0/1 verifier) before and after training, and at --eval-every"""
     eval_limit: int = 50
     """use the first N held-out prompts"""
+    eval_every: int = 0
+    """also evaluate on --eval-prompts every N steps, one row each in OUTPUT/overoptimisation.jsonl (0: only before and after)"""
+    gold_reward: str = ""
+    """held-out judge scored beside --reward on --eval-prompts (any scorer spec, e.g. rm:outputs/rm_gold): the over-optimisation curve"""
     prompt_suffix: str = ""
     """text appended to each prompt, e.g. an instruction about the answer format"""
     reward: str = ""
@@ -126,6 +130,10 @@ class RolloutOptions:
     def require_prompts(self) -> None:
         if not self.prompts or not self.reward:
             raise AlignkitError("no prompts or no reward given", fix="pass --prompts FILE and --reward SPEC (e.g. gsm8k or rm:outputs/rm)")
+        if self.eval_every < 0:
+            raise AlignkitError("--eval-every must be ≥ 0 (0: evaluate only before and after training)")
+        if (self.eval_every or self.gold_reward) and not self.eval_prompts:
+            raise AlignkitError("--eval-every and --gold-reward evaluate on held-out prompts", fix="pass --eval-prompts FILE")
 
     def load_prompts(self, tokenizer, log: Callable[[str], None] = print) -> tuple[list[PromptWithAnswer], list[PromptWithAnswer]]:
         """Training prompts that fit --max-prompt-length, and the held-out prompts (both with --prompt-suffix)."""

@@ -8,9 +8,11 @@ keyed by the model, the tokenised data and the length limit; a cache made for an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -90,10 +92,17 @@ def policy_reference(policy: TokenLogprobModel) -> TokenLogprobModel:
     return TokenLogprobModel(copy.deepcopy(policy.model)).requires_grad_(False).eval()
 
 
+@contextlib.contextmanager
+def as_reference(reference: TokenLogprobModel) -> Iterator[None]:
+    """Inside it, `reference` computes the reference's log-probs: the LoRA policy with its adapter switched off."""
+    if hasattr(reference.model, "disable_adapter"):
+        with reference.model.disable_adapter():
+            yield
+    else:
+        yield
+
+
 def reference_logps(reference: TokenLogprobModel, batch: Batch) -> torch.Tensor:
     """Target log-probs under the reference: with the adapter switched off when it is the LoRA policy."""
-    with torch.no_grad():
-        if hasattr(reference.model, "disable_adapter"):
-            with reference.model.disable_adapter():
-                return batch_logprobs(reference, batch)
+    with torch.no_grad(), as_reference(reference):
         return batch_logprobs(reference, batch)

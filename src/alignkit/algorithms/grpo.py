@@ -12,7 +12,8 @@ the step (`token`, DAPO). With one update per rollout batch (this implementation
 value, so the clip never binds; it still gives the exact policy gradient A ∇log π.
 
 The reference for the KL term is the LoRA base (adapter switched off) with `--lora-r`, else a frozen copy of
-the starting model; with `--beta 0` no reference exists at all.
+the starting model; with `--beta 0` no reference exists at all, unless `--gold-reward` asks for the KL of the
+over-optimisation curve (`evaluation/tracking.py`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from typing import Literal
 import torch
 
 from alignkit.data.records import PromptWithAnswer
-from alignkit.data.tokenize import IGNORE, Batch, Example, collate
+from alignkit.data.tokenize import IGNORE, Batch, collate
 from alignkit.engine import EngineConfig, Shuffled, make_accelerator, train
 from alignkit.errors import AlignkitError
-from alignkit.generation import Sample, SamplingParams, TransformersGenerator
+from alignkit.evaluation.tracking import held_out_tracker
+from alignkit.generation import SamplingParams, TransformersGenerator, rollout_rows
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses.policy import KLEstimator, clipped_surrogate, group_advantages, kl_penalty, rloo_advantages
 from alignkit.models import describe, load_tokenizer, save_model
@@ -102,17 +104,6 @@ def advantages_for(rewards: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "rloo":
         return rloo_advantages(rewards)
     return group_advantages(rewards, scale=kind == "grpo")
-
-
-def rollout_rows(samples: list[Sample]) -> list[list[Example]]:
-    """Each completion as a row: prompt then completion tokens, trained on the completion (and its stop token)."""
-    rows = []
-    for sample in samples:
-        for completion in sample.completions:
-            ids = sample.prompt_token_ids + completion.trained_ids
-            labels = [IGNORE] * (len(sample.prompt_token_ids) - 1) + completion.trained_ids + [IGNORE]
-            rows.append([Example(ids, labels)])
-    return rows
 
 
 class GroupRollouts:
@@ -195,20 +186,6 @@ class GRPOLoss:
         }
 
 
-@torch.no_grad()
-def evaluate_rewards(generator: TransformersGenerator, scorer: Scorer, records: list[PromptWithAnswer], max_new_tokens: int) -> dict:
-    """Mean reward of greedy answers (the accuracy, for a 0/1 verifier) and mean answer length in tokens."""
-    samples = generator.generate([r.prompt for r in records], SamplingParams(1, 0.0, 1.0, max_new_tokens))
-    completions = [s.completions[0] for s in samples]
-    rewards = scorer.score([r.prompt for r in records], [c.text for c in completions], [r.answer for r in records])
-    return {
-        "reward": rewards.float().mean().item(),
-        "length": sum(len(c.token_ids) for c in completions) / len(completions),
-        "examples": [{"prompt": r.prompt[-1].content, "answer": r.answer, "completion": c.text, "reward": float(x)}
-                     for r, c, x in list(zip(records, completions, rewards))[:5]],  # fmt: skip
-    }
-
-
 def run_grpo(config: GRPOConfig) -> dict:
     accelerator = make_accelerator(config)
     log = accelerator.print
@@ -218,23 +195,26 @@ def run_grpo(config: GRPOConfig) -> dict:
 
     policy = config.build_policy()
     model = policy.model
-    reference = policy_reference(policy) if config.beta > 0 else None
+    # The over-optimisation curve needs the KL, so a gold reward loads a reference even with --beta 0.
+    reference = policy_reference(policy) if config.beta > 0 or (eval_records and config.gold_reward) else None
     # Rollouts need batch_size prompts per call; greedy evaluation goes faster with wider batches.
     generator = TransformersGenerator(model, tokenizer, batch_size=max(config.batch_size, 16))
     log(f"model {config.model}: {describe(policy)}; K={config.num_generations}, advantage {config.advantage}, reward {config.reward}")
 
     output = Path(config.output)
     extra: dict = {"train_prompts": len(fits), **describe(policy)}
-    if eval_records and not (output / "summary.json").exists():
-        extra["eval_before"] = evaluate_rewards(generator, scorer, eval_records, config.max_new_tokens)
+    tracker = held_out_tracker(config, output, eval_records, generator, policy, reference, scorer, tokenizer.pad_token_id, log)
+    if tracker is not None and (config.overwrite or not (output / "summary.json").exists()):
+        extra["eval_before"] = tracker.before()
         log(f"held-out mean reward (accuracy for a 0/1 verifier) before: {extra['eval_before']['reward']:.3f}")
 
     def save_final(trained: TokenLogprobModel, out: Path) -> None:
         save_model(trained.model, tokenizer, out)
-        if eval_records:
-            extra["eval_after"] = evaluate_rewards(generator, scorer, eval_records, config.max_new_tokens)
+        if tracker is not None:
+            extra.update(tracker.after())
 
-    stream = GroupRollouts(config, policy, reference, generator, scorer, fits, tokenizer.pad_token_id)
+    rollout_reference = reference if config.beta > 0 else None
+    stream = GroupRollouts(config, policy, rollout_reference, generator, scorer, fits, tokenizer.pad_token_id)
     result = train(
         algorithm=f"grpo-{config.advantage}",
         config=config,
@@ -245,6 +225,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         save_final=save_final,
         accelerator=accelerator,
         extra_summary=extra,
+        on_step=None if tracker is None else tracker.on_step,
     )
     evals = ""
     if "eval_before" in extra and "eval_after" in extra:

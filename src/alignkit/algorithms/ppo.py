@@ -29,13 +29,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from alignkit.algorithms.grpo import evaluate_rewards, rollout_rows
 from alignkit.algorithms.sft import encode_conversations
 from alignkit.data.loading import load_records
 from alignkit.data.tokenize import IGNORE, Batch, collate, truncate
 from alignkit.engine import EngineConfig, Shuffled, make_accelerator, train
 from alignkit.errors import AlignkitError
-from alignkit.generation import SamplingParams, TransformersGenerator
+from alignkit.evaluation.tracking import held_out_tracker
+from alignkit.generation import SamplingParams, TransformersGenerator, rollout_rows
 from alignkit.logprobs import TokenLogprobModel, base_model, batch_logprobs
 from alignkit.losses.policy import (
     clipped_surrogate,
@@ -339,14 +339,15 @@ def run_ppo(config: PPOConfig) -> dict:
 
     output = Path(config.output)
     extra: dict = {"train_prompts": len(fits), **describe(combined)}
-    if eval_records and not (output / "summary.json").exists():
-        extra["eval_before"] = evaluate_rewards(generator, scorer, eval_records, config.max_new_tokens)
+    tracker = held_out_tracker(config, output, eval_records, generator, policy, reference, scorer, tokenizer.pad_token_id, log)
+    if tracker is not None and (config.overwrite or not (output / "summary.json").exists()):
+        extra["eval_before"] = tracker.before()
         log(f"held-out reward before: {extra['eval_before']['reward']:.3f}")
 
     def save_final(trained: PolicyAndValue, out: Path) -> None:
         save_model(trained.policy.model, tokenizer, out)
-        if eval_records:
-            extra["eval_after"] = evaluate_rewards(generator, scorer, eval_records, config.max_new_tokens)
+        if tracker is not None:
+            extra.update(tracker.after())
 
     stream = PPORollouts(config, combined, reference, generator, scorer, fits, tokenizer.pad_token_id, kl, ptx)
     result = train(
@@ -360,6 +361,7 @@ def run_ppo(config: PPOConfig) -> dict:
         accelerator=accelerator,
         extra_summary=extra,
         checkpointed=[kl],
+        on_step=None if tracker is None else tracker.on_step,
     )
     evals = ""
     if "eval_before" in extra and "eval_after" in extra:

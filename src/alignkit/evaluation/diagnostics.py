@@ -16,18 +16,22 @@ Diversity" (mode collapse).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
 from alignkit.evaluation.metrics import Numbers, as_vector
 
 __all__ = [
+    "CHECKPOINTS_FILE",
     "Alarm",
     "Correlation",
     "GaoFit",
     "GaoForm",
+    "checkpoint_alarms",
     "fit_gao_curve",
     "length_drift_alarm",
     "length_reward_correlation",
@@ -331,3 +335,39 @@ def mode_collapse_alarm(diversity_series: Numbers, threshold: float = 0.5, windo
         f"no mode collapse: diversity went from {base:.4g} to at least {smooth.min():.4g} "
         f"(−{max(0.0, 1 - smooth.min() / base):.0%}, threshold −{threshold:.0%}).",
     )
+
+
+# --- the held-out checkpoints of an online RL run -------------------------------------------------------
+
+CHECKPOINTS_FILE = "overoptimisation.jsonl"
+"""One row per held-out evaluation of `alignkit ppo` / `grpo` (``evaluation/tracking.py``), in the run directory."""
+
+
+def checkpoint_alarms(rows: Sequence[Mapping[str, Any]]) -> dict[str, Alarm]:
+    """The three alarms over the rows of a run's :data:`CHECKPOINTS_FILE` (step order), by name.
+
+    ``overoptimisation``: :func:`overoptimisation_alarm` on the rows' ``kl``, ``proxy`` and ``gold``, when
+    every row has a gold reward and a KL; ``length_drift``: :func:`length_drift_alarm` on ``length``;
+    ``mode_collapse``: :func:`mode_collapse_alarm` on ``distinct_2``. An alarm whose series is missing from
+    a row, or starts at 0 (nothing to measure a change against), is left out. Used online by the training
+    loop and offline by the report, so both say the same thing.
+    """
+
+    def column(key: str) -> list[float] | None:
+        values = [row.get(key) for row in rows]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        return values if values and numbers else None  # type: ignore[return-value]
+
+    found: dict[str, Alarm] = {}
+    kl, proxy, gold = column("kl"), column("proxy"), column("gold")
+    if kl and proxy and gold:
+        found["overoptimisation"] = overoptimisation_alarm(kl, proxy, gold)
+    for name, key, alarm in (("length_drift", "length", length_drift_alarm), ("mode_collapse", "distinct_2", mode_collapse_alarm)):
+        values = column(key)
+        if values is None:
+            continue
+        try:
+            found[name] = alarm(values)
+        except ValueError:
+            continue  # a starting value of 0
+    return found

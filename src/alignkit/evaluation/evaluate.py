@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignkit.algorithms.grpo import evaluate_rewards, rollout_rows
 from alignkit.algorithms.sft import encode_conversations, mean_nll
 from alignkit.data.loading import load_records
 from alignkit.data.records import PromptWithAnswer
@@ -41,7 +40,8 @@ from alignkit.data.tokenize import IGNORE, collate, truncate
 from alignkit.errors import AlignkitError
 from alignkit.evaluation import metrics
 from alignkit.evaluation.diagnostics import length_reward_correlation
-from alignkit.generation import SamplingParams, Sample, TransformersGenerator
+from alignkit.evaluation.tracking import evaluate_rewards
+from alignkit.generation import SamplingParams, Sample, TransformersGenerator, rollout_rows
 from alignkit.io import write_jsonl
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.models import load_model, load_tokenizer
@@ -134,7 +134,7 @@ def _device() -> str:
 def answer_logprobs(model: TokenLogprobModel, samples: list[Sample], pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs ``[N, T]`` of each sample's first completion (and its stop token) given its prompt, and the mask.
 
-    Rows are laid out as in GRPO (`grpo.rollout_rows`): prompt then answer, scored on the answer. Batches are
+    Rows are laid out as in GRPO (`generation.rollout_rows`): prompt then answer, scored on the answer. Batches are
     padded to one global width so that the two models' tensors line up position by position.
     """
     rows = rollout_rows([Sample(s.prompt, s.prompt_token_ids, s.completions[:1]) for s in samples])

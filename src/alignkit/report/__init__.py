@@ -12,8 +12,12 @@ what the directory holds:
 * ``eval.json`` / ``samples.jsonl`` (written by ``alignkit eval``, in the directory or its ``eval/``
   subdirectory): the win rate with its 95 % interval, the other evaluation numbers, a length histogram
   and the answers of both models side by side;
+* ``overoptimisation.jsonl`` (the held-out checkpoints of ``alignkit ppo`` / ``grpo``): proxy and gold
+  reward against √KL (Gao et al. 2022's over-optimisation curve, one y axis each), answer length and
+  distinct-2 against step, and the table of rows;
 * alarms from ``evaluation.diagnostics``: length drift on the length series and mode collapse on the
-  entropy series, shown as a banner at the top when they fire.
+  entropy series of ``metrics.jsonl``, and ``checkpoint_alarms`` (over-optimisation, length drift,
+  distinct-2 collapse) on ``overoptimisation.jsonl``, shown as a banner at the top when they fire.
 """
 
 from __future__ import annotations

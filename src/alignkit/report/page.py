@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.errors import AlignkitError
-from alignkit.evaluation.diagnostics import Alarm, length_drift_alarm, mode_collapse_alarm
+from alignkit.evaluation.diagnostics import CHECKPOINTS_FILE, Alarm, checkpoint_alarms, length_drift_alarm, mode_collapse_alarm
 
 PLOTTED = ("loss", "lr", "reward", "kl", "accuracy", "length", "entropy", "win_rate")
 """A metrics.jsonl key is plotted when one of these words is in it (e.g. eval_loss, reward_std, kl_coef)."""
@@ -76,6 +76,8 @@ class Run:
     metrics: list[dict]
     evaluation: dict | None
     samples: list[dict]
+    checkpoints: list[dict]
+    """held-out evaluations of an RL run (`evaluation/tracking.py`), one row per checkpoint"""
 
     @classmethod
     def load(cls, path: str | Path) -> "Run":
@@ -88,6 +90,7 @@ class Run:
             _read_jsonl(path / "metrics.jsonl"),
             _read_json(eval_dir / "eval.json"),
             _read_jsonl(eval_dir / "samples.jsonl"),
+            sorted(_read_jsonl(path / CHECKPOINTS_FILE), key=lambda row: row.get("step", 0)),
         )
 
 
@@ -153,6 +156,33 @@ def line_plot(key: str, xs: list[float], ys: list[float]) -> str:
     ax.grid(alpha=0.3)
     if key == "lr" or key.endswith("_lr"):
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    try:
+        return _png(fig)
+    finally:
+        plt.close(fig)
+
+
+def _numbers(rows: list[dict], key: str) -> list[float] | None:
+    """The column `key` of the rows, or None when a row lacks a number there (e.g. no gold reward)."""
+    values = [row.get(key) for row in rows]
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return [float(v) for v in values]
+    return None
+
+
+def twin_plot(title: str, xs: list[float], xlabel: str, left: tuple[str, list[float]], right: tuple[str, list[float]] | None) -> str:
+    """Two series against one x axis, each on its own y axis (their scales are unrelated), points in step order."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.0, 3.0))
+    ax.plot(xs, left[1], marker="o", markersize=3, color="C0")
+    ax.set_ylabel(left[0], color="C0")
+    if right is not None:
+        other = ax.twinx()
+        other.plot(xs, right[1], marker="s", markersize=3, color="C3")
+        other.set_ylabel(right[0], color="C3")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
     try:
         return _png(fig)
     finally:
@@ -308,12 +338,40 @@ def evaluation_section(evaluation: dict | None, samples: list[dict], limit: int)
     return "\n".join(parts)
 
 
+def checkpoints_section(rows: list[dict]) -> str:
+    """Gao et al. 2022's over-optimisation curve and the length / diversity drift of the held-out checkpoints."""
+    if not rows:
+        return ""
+    steps = [float(row.get("step", i)) for i, row in enumerate(rows)]
+    proxy, gold, sqrt_kl = _numbers(rows, "proxy"), _numbers(rows, "gold"), _numbers(rows, "sqrt_kl")
+    parts = ["<h2>Held-out checkpoints: reward over-optimisation</h2>", '<div class="plots">']
+    if proxy is not None:
+        xs, xlabel = (sqrt_kl, "√KL(π ‖ π_ref), √nats") if sqrt_kl is not None else (steps, "step (the run has no reference model)")
+        right = None if gold is None else ("gold reward (--gold-reward)", gold)
+        image = twin_plot("proxy and gold reward", xs, xlabel, ("proxy reward (--reward)", proxy), right)
+        parts.append(f'<img alt="proxy and gold reward against square-root KL" src="{image}">')
+    length, distinct = _numbers(rows, "length"), _numbers(rows, "distinct_2")
+    if length is not None:
+        right = None if distinct is None else ("distinct-2", distinct)
+        image = twin_plot("answer length and diversity", steps, "step", ("mean answer length (tokens)", length), right)
+        parts.append(f'<img alt="answer length and distinct-2 against step" src="{image}">')
+    parts.append("</div>")
+    if gold is None:
+        parts.append('<p class="quiet">No gold reward was given (--gold-reward), so the over-optimisation alarm cannot run.</p>')
+    columns = ["step", "kl", "sqrt_kl", "proxy", "gold", "length", "distinct_2"]
+    parts.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>")
+    for row in rows:
+        parts.append("<tr>" + "".join(f'<td class="num">{fmt(row.get(c))}</td>' for c in columns) + "</tr>")
+    parts.append("</table>")
+    return "\n".join(parts)
+
+
 def build_report(run_dir: str | Path, samples_shown: int = SAMPLES_SHOWN) -> str:
     """The HTML page of one run directory, as a string."""
     run = Run.load(run_dir)
-    if not any([run.run, run.summary, run.metrics, run.evaluation, run.samples]):
+    if not any([run.run, run.summary, run.metrics, run.evaluation, run.samples, run.checkpoints]):
         raise AlignkitError(
-            "nothing to report: no run.json, summary.json, metrics.jsonl, eval.json or samples.jsonl",
+            "nothing to report: no run.json, summary.json, metrics.jsonl, overoptimisation.jsonl, eval.json or samples.jsonl",
             where=str(run.path),
             fix="give the --output directory of a training run or of alignkit eval",
         )
@@ -323,6 +381,10 @@ def build_report(run_dir: str | Path, samples_shown: int = SAMPLES_SHOWN) -> str
 
     all_series = series(run.metrics)
     found = alarms(all_series)
+    for name, alarm in checkpoint_alarms(run.checkpoints).items():
+        # The alarm counts checkpoints; the reader looks for steps.
+        at = "" if alarm.at_index is None else f", step {run.checkpoints[alarm.at_index].get('step', '?')}"
+        found.append((f"held-out {name}{at}", alarm))
     for key, alarm in found:
         if alarm.fired:
             body.append(f'<div class="alarm"><b>alarm ({esc(key)})</b>: {esc(alarm.message)}</div>')
@@ -348,6 +410,7 @@ def build_report(run_dir: str | Path, samples_shown: int = SAMPLES_SHOWN) -> str
             xs, ys = all_series[key]
             body.append(f'<img alt="{esc(key)} against step" src="{line_plot(key, xs, ys)}">')
         body.append("</div>")
+    body.append(checkpoints_section(run.checkpoints))
     if found:
         quiet = [(k, a.message) for k, a in found if not a.fired]
         if quiet:
