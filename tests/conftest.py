@@ -45,3 +45,11 @@ def e_reward(tmp_path):
     path = tmp_path / "rewards.py"
     path.write_text("def share_of_e(prompts, completions, references):\n    return [c.count('e') / max(len(c), 1) for c in completions]\n")
     return f"python:{path}:share_of_e"
+
+
+@pytest.fixture(autouse=True)
+def run_registry(tmp_path, monkeypatch):
+    """Every command records itself in the run registry; tests keep theirs out of the user's (~/.cache/alignkit)."""
+    home = tmp_path / "alignkit-home"
+    monkeypatch.setenv("ALIGNKIT_HOME", str(home))
+    return home / "runs.db"

@@ -5,26 +5,31 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import get_origin, get_type_hints
 
 from alignkit import __version__
-from alignkit.config import add_config_arguments, config_from_args
+from alignkit.config import add_config_arguments, config_from_args, to_dict
 from alignkit.errors import AlignkitError
+from alignkit.pipeline.registry import recorded
 
 
 @dataclass(frozen=True)
 class Command:
     help: str
-    target: str = ""
-    """"module:ConfigClass:run_function"; empty while the stage is not built yet"""
-    planned: str = ""
+    target: str
+    """"module:ConfigClass:run_function"""
     actions: tuple[str, ...] = ()
     """sub-actions named by the word after the command (`alignkit label import ...`); it fills the config's `action`"""
     positional: str = ""
-    """the config field (a list) that takes the remaining words (`alignkit label import a.jsonl b.jsonl`)"""
+    """the config field that takes the words after the command: a list takes them all (`alignkit label import
+    a.jsonl b.jsonl`), a string one (`alignkit run pipeline.yaml`)"""
+    recorded: bool = True
+    """each run is recorded in the run registry (`alignkit runs`); a pipeline records itself and its stages"""
 
 
 COMMANDS: dict[str, Command] = {
@@ -57,11 +62,18 @@ COMMANDS: dict[str, Command] = {
     "report": Command(
         "a self-contained HTML report of a run directory", "alignkit.report:ReportConfig:run_report", positional="runs"
     ),
-    "run": Command("run a YAML pipeline of stages", planned="pipelines"),
+    "run": Command(
+        "run a YAML pipeline of stages: done stages are skipped, a cut one resumes",
+        "alignkit.pipeline.runner:RunConfig:run_pipeline", positional="pipeline", recorded=False,
+    ),
+    "runs": Command(
+        "list the recorded runs (commands, pipelines and their stages)", "alignkit.pipeline.registry:RunsConfig:list_runs",
+        recorded=False,
+    ),
 }
 
 
-def _resolve(target: str) -> tuple[type, Callable]:
+def load_target(target: str) -> tuple[type, Callable]:
     module_name, config_name, run_name = target.split(":")
     module = importlib.import_module(module_name)
     return getattr(module, config_name), getattr(module, run_name)
@@ -76,13 +88,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=spec.help, description=spec.help)
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of errors")
         # Only the chosen command's config is imported: `alignkit --help` stays fast.
-        if spec.target and name == command:
+        if name == command:
             if spec.actions:
                 # Optional, so `--action X` (and `action:` in a YAML file) still work; the config checks the word.
                 sub.add_argument("action", nargs="?", default=argparse.SUPPRESS, metavar="{" + ",".join(spec.actions) + "}")
+            config_class = load_target(spec.target)[0]
             if spec.positional:
-                sub.add_argument(spec.positional, nargs="*", default=argparse.SUPPRESS, metavar=spec.positional.upper())
-            add_config_arguments(sub, _resolve(spec.target)[0])
+                many = get_origin(get_type_hints(config_class)[spec.positional]) is list
+                sub.add_argument(spec.positional, nargs="*" if many else "?", default=argparse.SUPPRESS, metavar=spec.positional.upper())
+            add_config_arguments(sub, config_class)
     return parser
 
 
@@ -102,21 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     spec = COMMANDS.get(args.command) if args.command else None
     if extra:
         # argparse stops filling a positional list at the first flag; words after flags land here.
-        if spec is None or not spec.positional or any(a.startswith("-") for a in extra):
+        if spec is None or not isinstance(getattr(args, spec.positional, []), list) or any(a.startswith("-") for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, spec.positional, [*getattr(args, spec.positional, []), *extra])
     if args.command is None:
         parser.print_help()
         return 2
     assert spec is not None
-    if not spec.target:
-        print(f"alignkit {args.command}: {spec.planned} is not built yet in this version of alignkit", file=sys.stderr)
-        return 3
     debug = args.debug or os.environ.get("ALIGNKIT_DEBUG") == "1"
-    quiet_libraries()
+    if args.command != "runs":  # listing the registry needs no model library; it stays fast without them
+        quiet_libraries()
     try:
-        config_class, run = _resolve(spec.target)
-        run(config_from_args(config_class, args))
+        config_class, run = load_target(spec.target)
+        config = config_from_args(config_class, args)
+        if spec.recorded:
+            output = getattr(config, "output", "") or getattr(config, "out", "")
+            with recorded("command", args.command, shlex.join(["alignkit", *argv]), output, to_dict(config)):
+                run(config)
+        else:
+            run(config)
     except AlignkitError as exc:
         if debug:
             traceback.print_exc()

@@ -98,7 +98,8 @@ def coerce(value: Any, tp: Any, *, name: str) -> Any:
 
 
 def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
+    # A trailing underscore lets a field take a name Python reserves: `from_` is `--from`, `json_` is `--json`.
+    return "--" + field_name.rstrip("_").replace("_", "-")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

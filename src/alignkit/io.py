@@ -33,13 +33,13 @@ def write_jsonl(rows: list[dict], output: str) -> None:
     tmp.replace(out)
 
 
-def read_yaml(path: str | Path, *, what: str, fix: str) -> Any:
+def read_yaml(path: str | Path, *, what: str, fix: str, loader: type = yaml.SafeLoader) -> Any:
     """Parse a YAML file; a missing file or a syntax error is an AlignkitError naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise AlignkitError(f"{what} {path} does not exist", fix=fix)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

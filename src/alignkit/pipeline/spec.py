@@ -1,0 +1,423 @@
+"""The pipeline file: parsed once into typed stages, every name checked, every `${...}` resolved before a run.
+
+Errors name the file, the line, the stage and the key, and suggest the closest valid word. See
+docs/pipelines.md for the format; in brief:
+
+    name: instructgpt
+    output: outputs/instructgpt            # a stage writes to OUTPUT/<stage> (OUTPUT/round-<i>/<stage> in rounds)
+    defaults: {model: smollm2-135m-instruct} # given to every stage whose command has that option
+    stages:
+      - {name: sft, command: sft, with: {data: ..., max_steps: 30}}
+      - {name: rm, command: rm train, with: {model: "${sft}", data: ...}}
+    rounds:                                # optional: these stages repeated `count` times, after `stages`
+      count: 2
+      stages:
+        - {name: dpo, command: dpo, with: {model: "${previous.dpo|sft}", data: ...}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignkit.config import build_config
+from alignkit.errors import AlignkitError
+from alignkit.io import read_yaml
+
+TOP_KEYS = ("name", "output", "defaults", "stages", "rounds")
+STAGE_KEYS = ("name", "command", "with")
+ROUND_KEYS = ("count", "stages")
+VARIABLES = ("round", "here", "resources")
+"""`${round}`: the round number (1, 2, ...); `${here}`: the pipeline file's directory; `${resources}`: the data
+shipped inside alignkit."""
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+REFERENCE = re.compile(r"\$\{([^}]*)\}")
+
+# What each command writes, as (config field, file name inside the stage directory); a file name of None means
+# the stage directory itself. `${stage}` is that path. Commands left out write nothing a later stage could use.
+OUTPUTS: dict[str, tuple[str, str | None]] = {
+    "sft": ("output", None), "rm train": ("output", None), "rm eval": ("output", None), "dpo": ("output", None),
+    "kto": ("output", None), "ppo": ("output", None), "grpo": ("output", None), "rsft": ("output", None),
+    "eval": ("output", None), "generate": ("output", "samples.jsonl"), "judge": ("output", "judge.jsonl"),
+    "rm score": ("output", "scores.jsonl"), "label export": ("out", "labels.jsonl"),
+}  # fmt: skip
+NOT_IN_PIPELINES = {"run": "a pipeline cannot run another pipeline", "runs": "it only lists runs",
+                    "label serve": "it waits for annotators forever", "label add-annotator": "it prints a secret token"}  # fmt: skip
+REPORT = "report"
+"""In a pipeline, `report` writes the pipeline's page (OUTPUT/report.html), or in a round that round's page."""
+
+
+def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+class Located(dict):
+    """A YAML mapping that remembers the line it starts on and the line of each key."""
+
+    def __init__(self, line: int = 0):
+        super().__init__()
+        self.line = line
+        self.key_lines: dict[Any, int] = {}
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_located(loader: _Loader, node: yaml.MappingNode):
+    data = Located(node.start_mark.line + 1)
+    yield data
+    data.update(loader.construct_mapping(node))
+    data.key_lines = {loader.construct_object(k): k.start_mark.line + 1 for k, _ in node.value}
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_located)
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    """What a stage's `command:` names: an alignkit command (and its action), its config and run function."""
+
+    text: str
+    """as written and normalised, e.g. "rm train", "sft", "report" """
+    config_class: type | None
+    """None for `report`, which the pipeline runner writes itself"""
+    run: Callable[[Any], Any] | None
+    action: str | None = None
+
+    @property
+    def output(self) -> tuple[str, str | None] | None:
+        return OUTPUTS.get(self.text)
+
+    def fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.config_class)] if self.config_class else []
+
+    def settable(self) -> list[str]:
+        """The options a pipeline file may give: all but the output (the runner sets it) and the action."""
+        reserved = {"action", self.output[0] if self.output else "output"}
+        return [f for f in self.fields() if f not in reserved]
+
+
+def parse_command(text: Any, where: str) -> StageCommand:
+    from alignkit.cli import COMMANDS, load_target
+
+    words = str(text).split() if isinstance(text, str) else []
+    if not words or len(words) > 2:
+        raise AlignkitError(f"'command' must be an alignkit command such as sft or 'rm train', not {text!r}", where=where)
+    if words[0] == REPORT and len(words) == 1:
+        return StageCommand(REPORT, None, None)
+    spec = COMMANDS.get(words[0])
+    if spec is None:
+        raise AlignkitError(f"unknown command '{words[0]}'", where=where,
+                            fix=suggest(words[0], [*COMMANDS, REPORT]) or f"one of {', '.join(COMMANDS)}")  # fmt: skip
+    if len(words) == 2 and words[1] not in spec.actions:
+        choices = [a for a in spec.actions if f"{words[0]} {a}" not in NOT_IN_PIPELINES]
+        raise AlignkitError(f"'{words[0]}' has no action '{words[1]}'", where=where,
+                            fix=suggest(words[1], choices) or (f"one of {', '.join(choices)}" if choices else f"write just '{words[0]}'"))  # fmt: skip
+    if spec.actions and len(words) == 1:
+        if words[0] == "label":
+            raise AlignkitError("'label' needs an action: label import, label export or label stats", where=where)
+        words.append(spec.actions[0])
+    normal = " ".join(words)
+    why = NOT_IN_PIPELINES.get(normal) or NOT_IN_PIPELINES.get(words[0])
+    if why:
+        raise AlignkitError(f"'{normal}' cannot be a pipeline stage: {why}", where=where)
+    config_class, run = load_target(spec.target)
+    return StageCommand(normal, config_class, run, words[1] if len(words) == 2 else None)
+
+
+@dataclass
+class Stage:
+    name: str
+    command: StageCommand
+    settings: dict[str, Any]
+    """`with`, keys with underscores, `${...}` not yet resolved"""
+    path: Path
+    line: int
+    key_lines: dict[str, int]
+
+    def where(self, key: str | None = None, label: str | None = None) -> str:
+        """FILE:LINE: stage 'NAME' for errors, at the line of `key` when known."""
+        line = self.key_lines.get(key, self.line) if key else self.line
+        return f"{self.path}:{line}: stage '{label or self.name}'"
+
+
+@dataclass
+class Pipeline:
+    path: Path
+    name: str
+    output: Path
+    defaults: dict[str, Any]
+    stages: list[Stage]
+    rounds: int
+    round_stages: list[Stage]
+    raw: dict[str, Any]
+    """the file's content after --set, recorded in the run registry"""
+
+
+@dataclass
+class PlannedStage:
+    """One stage of one round, every reference resolved: what the runner runs."""
+
+    key: str
+    """"sft", or "round-2/dpo" for a stage of a round"""
+    stage: Stage
+    round: int | None
+    directory: Path | None
+    """the stage's own directory (removed to start it afresh); None for `report`, which writes into its scope"""
+    output: Path | None
+    """what `${name}` stands for: the directory, or the one file the command writes there"""
+    settings: dict[str, Any]
+    """the options passed to the command: `with` and defaults resolved, plus the output (and action)"""
+
+    @property
+    def command(self) -> StageCommand:
+        return self.stage.command
+
+    def build(self) -> Any:
+        """The command's config, checked as `alignkit CMD --config FILE` checks it."""
+        config_class = self.command.config_class
+        assert config_class is not None
+        where = self.stage.where(label=self.key)
+        config = build_config(config_class, self.settings, source=where)
+        if hasattr(config, "validate"):
+            try:
+                config.validate()
+            except AlignkitError as exc:
+                raise AlignkitError(exc.what, where=exc.where or where, fix=exc.fix) from None
+        return config
+
+
+# --- reading the file -----------------------------------------------------------------------------------------
+
+
+def _check_keys(mapping: Located, allowed: tuple[str, ...], path: Path, what: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            line = mapping.key_lines.get(key, mapping.line)
+            raise AlignkitError(f"unknown key '{key}' in {what}", where=f"{path}:{line}",
+                                fix=suggest(str(key), allowed) or f"the keys are {', '.join(allowed)}")  # fmt: skip
+
+
+def _mapping(value: Any, where: str, what: str) -> Located:
+    if value is None:
+        return Located()
+    if not isinstance(value, Located):
+        raise AlignkitError(f"{what} must be a mapping (key: value), not {type(value).__name__}", where=where)
+    return value
+
+
+def apply_overrides(data: Located, overrides: Sequence[str], path: Path) -> None:
+    """`--set stage.key=value` (a stage's `with`), `--set key=value` (defaults), or `--set output=DIR` / `rounds=N`."""
+    for item in overrides:
+        target, sep, text = item.partition("=")
+        if not sep or not target:
+            raise AlignkitError(f"--set {item!r} is not of the form stage.key=value or key=value")
+        value = yaml.safe_load(text) if text else ""
+        if target in ("name", "output"):
+            data[target] = value
+        elif target == "rounds":
+            if data.get("rounds") is None:
+                data["rounds"] = Located()
+            _mapping(data["rounds"], str(path), "'rounds'")["count"] = value
+        elif "." in target:
+            name, _, key = target.partition(".")
+            stages = [s for s in [*(data.get("stages") or []), *((data.get("rounds") or {}).get("stages") or [])] if isinstance(s, dict)]
+            match = [s for s in stages if s.get("name") == name]
+            if not match:
+                raise AlignkitError(f"--set {item}: no stage named '{name}'", where=str(path),
+                                    fix=suggest(name, [str(s.get("name")) for s in stages]))  # fmt: skip
+            stage = match[0]
+            settings = stage.get("with")
+            if settings is None:
+                settings = stage["with"] = Located(getattr(stage, "line", 0))
+            _mapping(settings, str(path), "'with'")[key] = value
+        else:
+            if data.get("defaults") is None:
+                data["defaults"] = Located()
+            _mapping(data["defaults"], str(path), "'defaults'")[target] = value
+
+
+def _stages(items: Any, path: Path, line: int, where_list: str, seen: set[str]) -> list[Stage]:
+    if not isinstance(items, list) or not items:
+        raise AlignkitError(f"{where_list} must be a non-empty list of stages", where=f"{path}:{line}")
+    stages = []
+    for item in items:
+        if not isinstance(item, Located):
+            raise AlignkitError(f"each stage must be a mapping with name, command and with, not {item!r}", where=f"{path}:{line}")
+        _check_keys(item, STAGE_KEYS, path, "a stage")
+        name = item.get("name")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise AlignkitError(f"a stage needs a name of letters, digits, - and _ (starting with a letter), not {name!r}",
+                                where=f"{path}:{item.line}")  # fmt: skip
+        where = f"{path}:{item.line}: stage '{name}'"
+        if name in VARIABLES or name == "previous":
+            raise AlignkitError(f"'{name}' is a reserved word in references; choose another stage name", where=where)
+        if name in seen:
+            raise AlignkitError(f"two stages are named '{name}'", where=where, fix="stage names must be unique (rounds included)")
+        seen.add(name)
+        if "command" not in item:
+            raise AlignkitError("the stage has no 'command'", where=where, fix="e.g. command: sft")
+        command = parse_command(item["command"], where)
+        raw = _mapping(item.get("with"), where, "'with'")
+        settings = {str(k).replace("-", "_"): v for k, v in raw.items()}
+        key_lines = {str(k).replace("-", "_"): raw.key_lines.get(k, raw.line) for k in raw} if raw else {}
+        if command.text == REPORT and settings:
+            raise AlignkitError("a report stage takes no options", where=where)
+        allowed = command.settable()
+        for key in settings:
+            if key not in allowed:
+                key_where = f"{path}:{key_lines.get(key, item.line)}: stage '{name}'"
+                if key in command.fields():
+                    raise AlignkitError(f"'{key}' is set by the pipeline", where=key_where,
+                                        fix=f"the output is OUTPUT/{name}; other stages refer to it as ${{{name}}}"
+                                        if key != "action" else f"give the action in the command, e.g. command: {command.text.split()[0]} score")  # fmt: skip
+                raise AlignkitError(f"unknown option '{key}' of {command.text}", where=key_where,
+                                    fix=suggest(key, allowed) or f"see alignkit {command.text.split()[0]} --help")  # fmt: skip
+        stages.append(Stage(name, command, settings, path, item.line, key_lines))
+    return stages
+
+
+def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
+    path = Path(path)
+    data = read_yaml(path, what="pipeline file", fix="give the path of a pipeline YAML file (see examples/)", loader=_Loader)
+    if not isinstance(data, Located):
+        raise AlignkitError("a pipeline file must be a mapping with name, output and stages", where=str(path))
+    apply_overrides(data, overrides, path)
+    _check_keys(data, TOP_KEYS, path, "the pipeline")
+    for key in ("output", "stages"):
+        if key not in data:
+            raise AlignkitError(f"the pipeline has no '{key}'", where=f"{path}:{data.line}",
+                                fix="e.g. output: outputs/my-pipeline" if key == "output" else "list the stages under stages:")  # fmt: skip
+    seen: set[str] = set()
+    stages = _stages(data["stages"], path, data.key_lines.get("stages", 1), "'stages'", seen)
+    rounds, round_stages = 0, []
+    if data.get("rounds") is not None:
+        block = _mapping(data["rounds"], f"{path}:{data.key_lines.get('rounds', 1)}", "'rounds'")
+        _check_keys(block, ROUND_KEYS, path, "'rounds'")
+        rounds = block.get("count")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise AlignkitError(f"rounds: count must be a whole number ≥ 1, not {rounds!r}", where=f"{path}:{block.line}")
+        round_stages = _stages(block.get("stages"), path, block.line, "rounds: stages", seen)
+    defaults_block = _mapping(data.get("defaults"), f"{path}:{data.key_lines.get('defaults', 1)}", "'defaults'")
+    defaults = {str(k).replace("-", "_"): v for k, v in defaults_block.items()}
+    known = sorted({f for s in stages + round_stages for f in s.command.settable()})
+    for key in defaults:
+        if key not in known:
+            raise AlignkitError(f"default '{key}' is an option of no stage's command", where=f"{path}:{defaults_block.key_lines.get(key, defaults_block.line)}",
+                                fix=suggest(key, known) or "defaults hold options shared by several stages, e.g. model or seed")  # fmt: skip
+    name = str(data.get("name") or path.stem)
+    return Pipeline(path, name, Path(str(data["output"])), defaults, stages, rounds, round_stages, _as_dicts(data))
+
+
+def _as_dicts(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _as_dicts(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_dicts(v) for v in value]
+    return value
+
+
+# --- resolving references ---------------------------------------------------------------------------------------
+
+
+def plan(pipeline: Pipeline) -> list[PlannedStage]:
+    """Every stage of every round in run order, with defaults applied and each `${...}` replaced."""
+    from alignkit.models import RESOURCES
+
+    planned: list[PlannedStage] = []
+    top: dict[str, PlannedStage] = {}
+    previous: dict[str, PlannedStage] = {}
+    variables = {"here": str(pipeline.path.parent), "resources": str(RESOURCES)}
+    for round_number in [None, *range(1, pipeline.rounds + 1)]:
+        stages = pipeline.stages if round_number is None else pipeline.round_stages
+        scope = pipeline.output if round_number is None else pipeline.output / f"round-{round_number}"
+        current: dict[str, PlannedStage] = {}
+        for index, stage in enumerate(stages):
+            later = {s.name for s in stages[index + 1 :]}
+            if round_number is None:
+                later |= {s.name for s in pipeline.round_stages}
+
+            label = stage.name if round_number is None else f"round-{round_number}/{stage.name}"
+
+            def lookup(expression: str, key: str) -> str:
+                where = stage.where(key, label)
+                text = expression.strip()
+                if text == "round":
+                    if round_number is None:
+                        raise AlignkitError(f"'{key}': ${{round}} is only defined in the stages of rounds", where=where)
+                    return str(round_number)
+                if text in variables:
+                    return variables[text]
+                if text.startswith("previous."):
+                    name, bar, fallback = text[len("previous.") :].partition("|")
+                    if name not in {s.name for s in pipeline.round_stages}:
+                        raise AlignkitError(f"'{key}': ${{{text}}} names no stage of the rounds", where=where,
+                                            fix=suggest(name, [s.name for s in pipeline.round_stages]))  # fmt: skip
+                    if round_number is None:
+                        raise AlignkitError(f"'{key}': ${{previous.…}} is only defined in the stages of rounds", where=where)
+                    if name in previous:
+                        return _output_of(previous[name], key, where)
+                    if not bar:
+                        raise AlignkitError(f"'{key}': round 1 has no previous round", where=where,
+                                            fix=f"give a stage to use in round 1: ${{previous.{name}|STAGE}}, e.g. ${{previous.{name}|sft}}")  # fmt: skip
+                    text = fallback.strip()
+                if text in current:
+                    return _output_of(current[text], key, where)
+                if text in top:
+                    return _output_of(top[text], key, where)
+                if text == stage.name:
+                    raise AlignkitError(f"'{key}': ${{{text}}} refers to the stage's own output", where=where,
+                                        fix=f"in rounds, ${{previous.{text}}} is this stage's output of the round before" if round_number else None)  # fmt: skip
+                if text in later:
+                    raise AlignkitError(f"'{key}': ${{{text}}} refers to stage '{text}', which runs after this one", where=where,
+                                        fix="a stage can only use the outputs of stages listed before it")  # fmt: skip
+                names = [*top, *current, *VARIABLES, *(f"previous.{s.name}" for s in pipeline.round_stages)]
+                raise AlignkitError(f"'{key}': ${{{text}}} names no stage or variable", where=where, fix=suggest(text, names))
+
+            settings = {key: _substitute(value, lambda e, key=key: lookup(e, key)) for key, value in stage.settings.items()}
+            for key, value in pipeline.defaults.items():
+                if key in stage.command.settable() and key not in settings:
+                    settings[key] = _substitute(value, lambda e, key=key: lookup(e, key))
+            if stage.command.text == REPORT:
+                directory, output = None, scope / "report.html"
+            else:
+                directory = scope / stage.name
+                kind = stage.command.output
+                output = None if kind is None else directory if kind[1] is None else directory / kind[1]
+                if kind is not None:
+                    settings[kind[0]] = str(output)
+                if stage.command.action:
+                    settings["action"] = stage.command.action
+            entry = PlannedStage(label, stage, round_number, directory, output, settings)
+            planned.append(entry)
+            current[stage.name] = entry
+        if round_number is None:
+            top = current
+        else:
+            previous = current
+    return planned
+
+
+def _output_of(stage: PlannedStage, key: str, where: str) -> str:
+    if stage.output is None or stage.command.text == REPORT:
+        raise AlignkitError(f"'{key}': stage '{stage.stage.name}' ({stage.command.text}) writes nothing another stage can read", where=where)
+    return str(stage.output)
+
+
+def _substitute(value: Any, lookup: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return REFERENCE.sub(lambda m: lookup(m.group(1)), value)
+    if isinstance(value, list):
+        return [_substitute(v, lookup) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, lookup) for k, v in value.items()}
+    return value
