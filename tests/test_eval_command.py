@@ -102,3 +102,17 @@ def test_pairwise_numbers_from_known_scores():
     assert result["length_controlled"]["win_rate"] < 0.7
     assert result["refusal_rate"] == {"model": 0.0, "baseline": 0.2}
     assert result["diversity"]["distinct_1"] == pytest.approx(6 / 9)
+
+
+def test_a_gold_judge_is_scored_on_the_same_answers(tmp_path, prompts, e_reward, fine_tuned):
+    # The gold judge scores exactly the opposite of the judge, so its win rate is the judge's mirrored.
+    gold_file = tmp_path / "gold.py"
+    gold_file.write_text("def fewer_e(prompts, completions, references):\n    return [-c.count('e') / max(len(c), 1) for c in completions]\n")
+    result = run_eval(eval_config(tmp_path, prompts, e_reward, model=str(fine_tuned), temperature=1.0,
+                                  gold_judge=f"python:{gold_file}:fewer_e"))  # fmt: skip
+    gold = result["gold"]
+    assert gold["judge"].endswith(":fewer_e")
+    assert gold["wins"] == result["losses"] and gold["losses"] == result["wins"]
+    assert gold["win_rate"] == pytest.approx(1.0 - result["win_rate"])
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert rows[0]["gold_score_model"] == pytest.approx(-rows[0]["score_model"])

@@ -60,6 +60,8 @@ class EvalConfig:
     """prompts both models answer: JSONL/JSON/Parquet with a 'prompt', 'instruction', 'question' or 'messages' field"""
     judge: str = ""
     """scorer that rates each answer: rm:PATH, python:file.py:function, gsm8k, exact, format:REGEX, or a weighted sum"""
+    gold_judge: str = ""
+    """a second, held-out judge (any scorer spec, e.g. an RM trained on other labels) whose win rate is reported beside the judge's: a policy tuned against the judge can fool it but not this one"""
     output: str = ""
     """directory for eval.json (all numbers) and samples.jsonl (both answers and scores per prompt)"""
     limit: int = 0
@@ -265,6 +267,10 @@ def compare(
     }
 
 
+GOLD_KEYS = ("n", "win_rate", "win_rate_ci95", "wins", "ties", "losses", "length_controlled", "mean_score", "length_reward_correlation")
+"""What `--gold-judge` adds to eval.json: the judge-dependent numbers of `compare` (lengths and diversity do not depend on it)."""
+
+
 def kl_numbers(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
     """KL(model ‖ baseline) on the model's answers: per-sequence sums of log-prob differences, k1 and k3."""
     per_sequence = torch.where(mask, logps - ref_logps, torch.zeros_like(logps)).sum(-1)
@@ -308,6 +314,12 @@ def print_table(result: dict[str, Any], out=None) -> None:
         ("refusal rate (model, baseline)", f"{fmt(result['refusal_rate']['model'])}, {fmt(result['refusal_rate']['baseline'])}"),
         ("KL(model || baseline), nats/answer", fmt(result["kl"]["kl"]) if "kl" in result["kl"] else result["kl"].get("skipped", "-")),
     ]  # fmt: skip
+    gold = result.get("gold")
+    if gold:
+        rows[2:2] = [
+            ("held-out judge win rate", f"{gold['win_rate']:.3f}  95% CI [{gold['win_rate_ci95'][0]:.3f}, {gold['win_rate_ci95'][1]:.3f}]"),
+            ("held-out judge length-controlled", fmt(gold["length_controlled"]["win_rate"])),
+        ]
     tax = result.get("alignment_tax")
     if tax:
         for key, values in tax["before_after"].items():
@@ -329,6 +341,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if config.heldout_data:
         heldout_records, _ = load_records(config.heldout_data, "conversation", limit=config.heldout_limit or None)
     scorer = build_scorer(config.judge)
+    gold_scorer = build_scorer(config.gold_judge) if config.gold_judge else None
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
 
@@ -349,6 +362,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     references = [r.answer for r in prompts] * 2
     scores = scorer.score(flat_prompts, answers_m + answers_b, references).double().cpu().numpy()
     scores_m, scores_b = scores[:n], scores[n:]
+    gold = None
+    if gold_scorer is not None:
+        gold = gold_scorer.score(flat_prompts, answers_m + answers_b, references).double().cpu().numpy()
 
     result: dict[str, Any] = {
         "model": config.model,
@@ -359,6 +375,10 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         **compare(scores_m, scores_b, lengths_m, lengths_b, answers_m, answers_b,
                   tie_tolerance=config.tie_tolerance, n_resamples=config.bootstrap_resamples, seed=config.seed),  # fmt: skip
     }
+    if gold is not None:
+        judged = compare(gold[:n], gold[n:], lengths_m, lengths_b, answers_m, answers_b,
+                         tie_tolerance=config.tie_tolerance, n_resamples=config.bootstrap_resamples, seed=config.seed)  # fmt: skip
+        result["gold"] = {"judge": config.gold_judge, **{k: judged[k] for k in GOLD_KEYS}}
     if same_vocab and second.seq_logps is not None:
         (logps, mask), (ref_logps, _) = first.seq_logps, second.seq_logps
         result["kl"] = kl_numbers(logps, ref_logps, mask)
@@ -394,6 +414,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
             "score_baseline": float(scores_b[i]),
             "length_model": int(lengths_m[i]),
             "length_baseline": int(lengths_b[i]),
+            **({"gold_score_model": float(gold[i]), "gold_score_baseline": float(gold[n + i])} if gold is not None else {}),
             **({"kl": per_sequence_kl[i]} if per_sequence_kl else {}),
         })  # fmt: skip
     result = clean(result)
