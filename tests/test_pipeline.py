@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from alignkit.cli import main
-from alignkit.models import SMOLLM2, TINY_LLAMA
+from alignkit.demo import headline
+from alignkit.models import RESOURCES, SMOLLM2, TINY_LLAMA
 from alignkit.pipeline.registry import read_runs
 from alignkit.pipeline.spec import parse_command
 from conftest import ROOT, SFT_DATA, SHARED_DATA, read_metrics
@@ -157,7 +158,8 @@ def test_a_failed_stage_stops_the_pipeline_names_the_stage_and_is_recorded(tmp_p
 
 # --- the shipped examples, shrunk to the tiny model ---------------------------------------------------------
 
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+DEMO = RESOURCES / "demo.yaml"
+EXAMPLES = [*sorted((ROOT / "examples").glob("*.yaml")), DEMO]
 PIPELINES = [p for p in EXAMPLES if "stages" in (yaml.safe_load(p.read_text()) or {})]
 RLAIF = ROOT / "examples" / "rlaif.yaml"
 TINY_SIZES = {"max_steps": 2, "limit": 4, "eval_limit": 2, "max_new_tokens": 8, "max_length": 256, "batch_size": 2,
@@ -220,6 +222,10 @@ def test_example_runs_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch
     evals = [json.loads(p.read_text()) for p in out.rglob("eval.json")]
     assert evals and all(0 <= e["win_rate"] <= 1 for e in evals)
     assert "win rate" in page
+    if example == DEMO:
+        lines = dict(headline(out))
+        assert lines["win rate of the aligned model over the start model, by the trained RM"].startswith(f"{evals[0]['win_rate']:.2f}")
+        assert "95% CI" in lines["... by the held-out judge (RM on human HH-RLHF labels)"]
 
 
 def test_rounds_of_the_rlaif_example_write_round_directories_and_chain_the_policy(tmp_path, capsys, monkeypatch, judge_server):
