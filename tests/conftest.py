@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +55,34 @@ def run_registry(tmp_path, monkeypatch):
     home = tmp_path / "alignkit-home"
     monkeypatch.setenv("ALIGNKIT_HOME", str(home))
     return home / "runs.db"
+
+
+CHROMIUM = os.environ.get("ALIGNKIT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+@contextlib.contextmanager
+def chromium_page(html: Path):
+    """`html` opened in headless Chromium (Debian's, which `make test` installs): the page and every URL it requested."""
+    if not os.path.exists(CHROMIUM) or shutil.which(CHROMIUM) is None:
+        pytest.skip(f"no Chromium at {CHROMIUM} (`make test` installs Debian's chromium)")
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(html.as_uri())
+            page.wait_for_load_state("load")
+            yield page, requests
+        finally:
+            browser.close()
+
+
+def loaded_images(page) -> list:
+    """The page's images as (alt, complete, width); fails the test if any is missing or broken."""
+    images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.complete, e.naturalWidth])")
+    assert all(complete and width > 0 for _, complete, width in images), images
+    return images

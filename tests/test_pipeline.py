@@ -19,7 +19,7 @@ from alignkit.demo import headline
 from alignkit.models import RESOURCES, SMOLLM2, TINY_LLAMA
 from alignkit.pipeline.registry import read_runs
 from alignkit.pipeline.spec import parse_command
-from conftest import ROOT, SFT_DATA, SHARED_DATA, read_metrics
+from conftest import ROOT, SFT_DATA, SHARED_DATA, chromium_page, loaded_images, read_metrics
 from test_judge_http import FakeOpenAI
 
 PREFS = SHARED_DATA / "prefs" / "hh_helpful_test.jsonl"
@@ -226,6 +226,16 @@ def test_example_runs_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch
         lines = dict(headline(out))
         assert lines["win rate of the aligned model over the start model, by the trained RM"].startswith(f"{evals[0]['win_rate']:.2f}")
         assert "95% CI" in lines["... by the held-out judge (RM on human HH-RLHF labels)"]
+        # The pipeline page and every stage page it links open offline in a browser with no broken image.
+        with chromium_page(out / "report.html") as (browser_page, requests):
+            links = browser_page.eval_on_selector_all("a[href$='report.html']", "els => els.map(e => e.href)")
+            assert len(links) >= 6, links
+            for link in links:
+                browser_page.goto(link)
+                loaded_images(browser_page)
+            assert all(u.startswith(("file:", "data:")) for u in requests), requests
+            browser_page.goto((out / "ppo" / "report.html").as_uri())
+            assert len(loaded_images(browser_page)) >= 3  # training curves and the held-out checkpoint plots
 
 
 def test_rounds_of_the_rlaif_example_write_round_directories_and_chain_the_policy(tmp_path, capsys, monkeypatch, judge_server):

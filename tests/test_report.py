@@ -4,8 +4,6 @@ a banner, and the page rendered by a real headless Chromium with no broken image
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
 
@@ -14,11 +12,8 @@ from alignkit.cli import main
 from alignkit.models import TINY_LLAMA
 from alignkit.report import build_report
 from alignkit.report.page import alarms, series
-from conftest import SFT_DATA, write_jsonl
+from conftest import SFT_DATA, chromium_page, loaded_images, write_jsonl
 
-CHROMIUM = os.environ.get("ALIGNKIT_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]  # fmt: skip
 XSS = "<script>window.pwned = 1</script>"
 
 
@@ -78,29 +73,16 @@ def test_the_command_writes_report_html_and_refuses_an_empty_directory(sft_run, 
 
 
 def test_report_renders_in_chromium_without_broken_images(sft_run, tmp_path):
-    if not os.path.exists(CHROMIUM) or shutil.which(CHROMIUM) is None:
-        pytest.skip(f"no Chromium at {CHROMIUM} (`make test` installs Debian's chromium)")
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
     page_file = tmp_path / "report.html"
     page_file.write_text(build_report(sft_run), encoding="utf-8")
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            requests: list[str] = []
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(page_file.as_uri())
-            page.wait_for_load_state("load")
-            images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.complete, e.naturalWidth])")
-            assert len(images) >= 3
-            assert all(complete and width > 0 for _, complete, width in images), images
-            assert page.evaluate("window.pwned") is None  # the sample's script never ran
-            assert all(u.startswith(("file:", "data:")) for u in requests), requests  # offline
-            shot = tmp_path / "report.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-        finally:
-            browser.close()
+    with chromium_page(page_file) as (page, requests):
+        images = loaded_images(page)
+        assert len(images) >= 3
+        assert page.evaluate("window.pwned") is None  # the sample's script never ran
+        assert all(u.startswith(("file:", "data:")) for u in requests), requests  # offline
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
 
 
 def checkpoint_rows(gold: list[float]) -> list[dict]:
