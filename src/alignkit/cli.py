@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import get_origin, get_type_hints
@@ -106,6 +107,8 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` on every LoRA model: not the user's to fix.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
