@@ -1,4 +1,4 @@
-"""Reward models: pooling, the K-way loss by hand, calibration by hand, training/normalisation/scoring on the
+"""Reward models: pooling, packed batches against padded ones, the K-way loss by hand, calibration by hand, training/normalisation/scoring on the
 tiny model, combined rewards on fake scorers, CLI errors, and one real run on the built-in model."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from alignkit.cli import main
 from alignkit.data.comparisons import encode_comparisons
 from alignkit.data.loading import load_records
 from alignkit.data.records import Message, PreferencePair, Ranking, user_prompt
-from alignkit.data.tokenize import collate, encode_prompt_completion
+from alignkit.data.tokenize import collate, collate_packed, encode_prompt_completion
 from alignkit.models import SMOLLM2, TINY_LLAMA, load_model
 from alignkit.rewards.reward_model import CombinedReward, RewardModel, build_reward_model, load_reward_model
 from conftest import ROOT, SHARED_DATA, read_metrics, write_jsonl
@@ -79,6 +79,100 @@ def test_an_untied_lm_head_is_frozen_since_it_never_reaches_the_reward():
     assert rm(torch.tensor([[1, 2, 3]])).shape == (1,)
 
 
+# --- packed batches ---------------------------------------------------------------------------------------
+
+
+def tiny_rm(tokenizer, attention: str = "sdpa") -> RewardModel:
+    torch.manual_seed(0)
+    model = load_model(TINY_LLAMA)
+    model.set_attn_implementation(attention)
+    return RewardModel(model, tokenizer)
+
+
+def mixed_comparisons(tokenizer):
+    """A 3-way ranking and two pairs whose answers differ in length, so padded rows carry much padding."""
+    records = [
+        Ranking(user_prompt("Rank these."), ("a long and careful answer with many words in it", "fine", "a middling answer")),
+        PreferencePair(user_prompt("Pick one."), "yes", "no, and here is a much longer explanation of why not", margin=0.5),
+        PreferencePair(user_prompt("Another question, a longer one this time?"), "short", "shorter"),
+    ]
+    return encode_comparisons(tokenizer, records, max_length=256)[0]
+
+
+@pytest.mark.parametrize("attention, budget", [("sdpa", 1024), ("eager", 1024), ("sdpa", 160)])
+def test_packed_batches_give_the_padded_rewards_loss_and_gradients(tiny_tokenizer, attention, budget):
+    rm = tiny_rm(tiny_tokenizer, attention)
+    comparisons = mixed_comparisons(tiny_tokenizer)
+    assert rm.packs()
+    padded = collate_for_rm(comparisons, tiny_tokenizer.pad_token_id, use_margins=True)
+    packed = collate_for_rm(comparisons, tiny_tokenizer.pad_token_id, use_margins=True, pack_to=budget)
+    assert packed.n_tokens == padded.n_tokens and packed.batch.attention_mask is None
+    if budget > packed.n_tokens:  # one row, not a single padding token
+        assert packed.batch.input_ids.shape == (1, packed.n_tokens)
+    else:  # several rows up to the budget, the shorter ones padded (as a block of their own)
+        assert 1 < packed.batch.input_ids.shape[0] < padded.batch.input_ids.shape[0]
+        assert packed.batch.input_ids.shape[1] <= budget
+
+    results = []
+    for batch in (padded, packed):
+        rm.zero_grad()
+        rows = batch.batch
+        rewards = rm(rows.input_ids, rows.attention_mask, rows.position_ids, rows.ends)
+        loss, metrics = RMLoss()(rm, batch)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in rm.named_parameters() if p.grad is not None}
+        results.append((rewards.detach(), loss.item(), metrics["accuracy"].item(), grads))
+    (r_pad, loss_pad, acc_pad, g_pad), (r_pack, loss_pack, acc_pack, g_pack) = results
+    assert r_pack.tolist() == pytest.approx(r_pad.tolist(), abs=1e-5)
+    assert loss_pack == pytest.approx(loss_pad, abs=1e-6) and acc_pack == acc_pad
+    assert g_pack.keys() == g_pad.keys() and len(g_pad) > 2
+    for name, grad in g_pad.items():
+        torch.testing.assert_close(g_pack[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    # Scoring packs too (when the budget leaves room) and gives the padded scores.
+    answers = [r for c in comparisons for r in c.responses]
+    rm.batch_size = len(answers)
+    scored_packed = rm.rewards_of(answers, normalised=False)
+    rm.packing = False
+    assert scored_packed.tolist() == pytest.approx(rm.rewards_of(answers, normalised=False).tolist(), abs=1e-5)
+    assert scored_packed.tolist() == pytest.approx(r_pad.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_sequences_do_not_see_each_other(tiny_tokenizer, attention):
+    rm = tiny_rm(tiny_tokenizer, attention).eval()
+    examples = rm.encode([user_prompt("Hi")] * 2, ["The first answer.", "The second answer, a bit longer."])
+    changed = rm.encode([user_prompt("Yo")], ["Another first reply."])[0]
+    assert len(changed) == len(examples[0])  # the same row layout, different tokens before sequence 2
+
+    def rewards(first):
+        batch = collate_packed([first, examples[1]], 256, tiny_tokenizer.pad_token_id)
+        assert batch.input_ids.shape[0] == 1 and batch.attention_mask is None
+        with torch.no_grad():
+            return rm(batch.input_ids, None, batch.position_ids, batch.ends).tolist()
+
+    before, after = rewards(examples[0]), rewards(changed)
+    assert after[1] == pytest.approx(before[1], abs=1e-6)  # sequence 2 never attends to sequence 1
+    assert abs(after[0] - before[0]) > 1e-4  # while sequence 1's own reward does change
+    with torch.no_grad():
+        alone = rm(torch.tensor([examples[1].input_ids])).item()
+    assert before[1] == pytest.approx(alone, abs=1e-5)  # and its positions restart at 0
+
+
+def test_packing_turns_itself_off_where_it_cannot_be_right(tiny_tokenizer, monkeypatch):
+    rm = tiny_rm(tiny_tokenizer)
+    body = rm.body()
+
+    # A backbone that ignores position ids builds a plain causal mask over the row: sequences would leak.
+    def leaky_body():
+        return lambda position_ids=None, **kwargs: body(**kwargs)
+
+    monkeypatch.setattr(rm, "body", leaky_body)
+    assert not rm.packs()
+    assert not RewardModel(load_model(TINY_LLAMA), tiny_tokenizer, packing=False).packs()
+    assert not RewardModel(load_model(TINY_LLAMA), tiny_tokenizer, pooling="mean").packs()
+
+
 # --- (b) the K-way loss by hand ---------------------------------------------------------------------------
 
 
@@ -90,7 +184,7 @@ class FixedRewards(torch.nn.Module):
         self.rewards = torch.tensor(rewards, requires_grad=True)
         self.rows = 0
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, ends=None):
         self.rows = input_ids.shape[0]
         return self.rewards
 
@@ -100,7 +194,7 @@ def test_ranking_loss_averages_all_pairs_and_encodes_each_answer_once(tiny_token
     ranking = Ranking(prompt, ("best answer", "good answer", "fair answer", "worst answer"))
     pair = PreferencePair(user_prompt("Pick one."), "yes", "no", margin=0.5)
     comparisons, _ = encode_comparisons(tiny_tokenizer, [ranking, pair], max_length=256)
-    batch = collate_for_rm(comparisons, tiny_tokenizer.pad_token_id, use_margins=True)
+    batch = collate_for_rm(comparisons, tiny_tokenizer.pad_token_id, use_margins=True)  # padded: pack_to=0
     # Each answer is one row, once, best first: 4 + 2 rows for 6 + 1 pairs.
     expected_rows = [encode_prompt_completion(tiny_tokenizer, prompt, r).input_ids for r in ranking.responses]
     expected_rows += [encode_prompt_completion(tiny_tokenizer, pair.prompt, r).input_ids for r in ("yes", "no")]

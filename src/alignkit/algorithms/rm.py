@@ -16,6 +16,10 @@ set if there is one, else the training set, so that PPO starts from rewards of a
 (InstructGPT normalises so that reference demonstrations score 0 on average; we use the held-out
 responses, which need no extra sampling).
 
+The answers of a micro-batch are packed into rows of at most --max-length tokens, with position ids
+restarting at 0 for each answer and the reward read at each answer's last token, so no padding is computed
+(`--no-packing`: one right-padded row per answer; both give the same rewards to float rounding).
+
 `--action eval` reports accuracy, mean margin and expected calibration error on held-out comparisons;
 `--action score` adds a reward to every row of a JSONL file (including `alignkit generate` output).
 """
@@ -36,7 +40,7 @@ import torch.nn.functional as F
 from alignkit.data.comparisons import Comparison, ComparisonBatch, collate_comparisons, encode_comparisons
 from alignkit.data.loading import InvalidRecord, load_records, parse_prompt, read_rows
 from alignkit.data.records import PreferencePair, Prompt, Ranking
-from alignkit.data.tokenize import TruncationReport
+from alignkit.data.tokenize import TruncationReport, collate_packed
 from alignkit.engine import EngineConfig, Shuffled, make_accelerator, train
 from alignkit.errors import AlignkitError, DataError
 from alignkit.losses.preference import bradley_terry_loss
@@ -66,6 +70,8 @@ class RMConfig(EngineConfig, DataOptions, ModelOptions):
     """peak learning rate of AdamW (InstructGPT used 9e-6; Llama 2 1e-5 below 70B)"""
     max_length: int = 0
     """longest sequence in tokens, longer ones cut from the right; 0: 512 to train, and for eval/score the length the reward model was trained with"""
+    packing: bool = True
+    """pack a micro-batch's answers into rows of at most --max-length tokens without padding (causal backbones, when the attention keeps packed answers apart; else padded rows)"""
 
     def length(self) -> int:
         return self.max_length or 512
@@ -142,15 +148,21 @@ class RMLoss:
 
     def __call__(self, model: torch.nn.Module, batch: ComparisonBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rows = batch.batch
-        rewards = model(rows.input_ids, rows.attention_mask, rows.position_ids)  # [R], every answer once
+        rewards = model(rows.input_ids, rows.attention_mask, rows.position_ids, rows.ends)  # [R], every answer once
         better, worse, group = batch.pair_indices()
         margins = batch.margins if self.use_margins else None
         return comparison_loss(rewards, better, worse, group, batch.n_comparisons, margins)
 
 
-def collate_for_rm(chunk: Sequence[Comparison], pad_id: int, use_margins: bool) -> ComparisonBatch:
-    """Comparison rows; in a batch where only some pairs carry a margin, the others get margin 0 (not none)."""
+def collate_for_rm(chunk: Sequence[Comparison], pad_id: int, use_margins: bool, pack_to: int = 0) -> ComparisonBatch:
+    """Comparison rows; in a batch where only some pairs carry a margin, the others get margin 0 (not none).
+
+    `pack_to` > 0 packs all answers into rows of at most that many tokens (`collate_packed`), whose `ends`
+    keep the answers' order, so `pair_indices()` holds for packed and padded rows alike.
+    """
     batch = collate_comparisons(chunk, pad_id)
+    if pack_to:
+        batch.batch = collate_packed([r for c in chunk for r in c.responses], pack_to, pad_id)
     if not use_margins:
         batch.margins = None
     elif batch.margins is None and any(c.margin is not None for c in chunk):
@@ -258,9 +270,13 @@ def run_train(config: RMConfig) -> dict[str, Any]:
         trust_remote_code=config.trust_remote_code,
         max_length=config.length(),
         batch_size=config.eval_batch_size,
+        packing=config.packing,
     )
     tokenizer = model.tokenizer
     log(f"reward model on {config.model} ({config.backbone}, pooling {model.pooling}): {describe(model)}")
+    pack_to = config.length() if model.packs() else 0
+    if config.packing and not pack_to:
+        log("packing off: it needs a causal backbone read at the last token whose attention keeps packed sequences apart")
     records, eval_records = config.load_train_eval("comparison", config.seed, log)
     comparisons, cut = encode_for(model, records, config.length())
     log("train: " + cut.summary())
@@ -269,13 +285,14 @@ def run_train(config: RMConfig) -> dict[str, Any]:
         log("held-out: " + eval_cut.summary())
 
     pad_id = tokenizer.pad_token_id
-    collate = lambda chunk: collate_for_rm(chunk, pad_id, config.use_margins)  # noqa: E731
+    collate = lambda chunk: collate_for_rm(chunk, pad_id, config.use_margins, pack_to)  # noqa: E731
     stream = Shuffled(comparisons, config.batch_size, collate, config.seed)
     n_pairs = sum(len(c.responses) * (len(c.responses) - 1) // 2 for c in comparisons)
     extra: dict[str, Any] = {
         "train_comparisons": len(comparisons),
         "train_pairs": n_pairs,
         "truncation": cut.summary(),
+        "packing": bool(pack_to),
         **describe(model),
     }
 
@@ -324,6 +341,7 @@ def _load_scorer(config: RMConfig) -> Scorer:
     for member in members:
         if isinstance(member, RewardModel):
             member.progress = config.progress
+            member.packing = config.packing
             if config.max_length:
                 member.max_length = config.max_length  # else the length it was trained with
     return scorer

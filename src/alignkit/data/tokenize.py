@@ -177,14 +177,19 @@ class Batch:
     attention_mask: torch.Tensor | None
     n_tokens: int
     """Real (non-padding) tokens, the unit of throughput."""
+    ends: torch.Tensor | None = None
+    """[N] flat index (row · T + column) of each example's last token, in the order the examples were given
+    (`collate_packed`): where a per-sequence output (a reward) is read once packing has moved the examples."""
 
     def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(
             self.input_ids.to(device),
             self.labels.to(device),
             self.position_ids.to(device),
-            None if self.attention_mask is None else self.attention_mask.to(device),
+            move(self.attention_mask),
             self.n_tokens,
+            move(self.ends),
         )
 
     @property
@@ -216,3 +221,25 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> Batch:
         None if packed else torch.tensor(masks),
         real_tokens,
     )
+
+
+def collate_packed(examples: Sequence[Example], max_length: int, pad_id: int) -> Batch:
+    """All `examples` packed into rows of at most `max_length` tokens and collated, with `ends` set.
+
+    Longest first, so first fit leaves little room unused (first-fit decreasing). Keeping rows within
+    `max_length` instead of one long row matters where attention is computed densely under a mask (sdpa or
+    eager on CPU): its cost grows with the square of the row length.
+    """
+    rows = pack(sorted(examples, key=len, reverse=True), max_length)
+    batch = collate(rows, pad_id)
+    width = batch.input_ids.shape[1]
+    # Examples are found again by identity; one given twice has two slots and identical content, so
+    # which occurrence takes which slot does not matter.
+    slots: dict[int, list[int]] = {}
+    for r, row in enumerate(rows):
+        end = r * width
+        for example in row:
+            end += len(example)
+            slots.setdefault(id(example), []).append(end - 1)
+    batch.ends = torch.tensor([slots[id(e)].pop() for e in examples], dtype=torch.long)
+    return batch

@@ -7,7 +7,8 @@ either.
 
 - `RewardModel`: a linear head `r = w·h + b` on one hidden state of a backbone. For a causal LM (the
   InstructGPT / Llama 2 reward model) `h` is the last non-padding token's final hidden state, the only
-  position that has seen the whole prompt and response; for an encoder (BERT-like) it is the first ([CLS])
+  position that has seen the whole prompt and response (read at each sequence's last token when the
+  sequences are packed into rows without padding, `packing`); for an encoder (BERT-like) it is the first ([CLS])
   token or the mean over tokens. The LM head is never run: only the decoder body is called.
 - Normalisation (Ziegler et al. 2019, InstructGPT): after training, a gain and bias are fitted so the
   rewards of a reference set of responses have mean 0 and std 1. `score` applies them; training and
@@ -36,7 +37,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from alignkit.data.records import Prompt
-from alignkit.data.tokenize import IGNORE, Example, collate, encode_prompt_completion
+from alignkit.data.tokenize import IGNORE, Example, collate, collate_packed, encode_prompt_completion
 from alignkit.errors import AlignkitError
 from alignkit.io import write_json
 from alignkit.models import LoraSettings, apply_lora, load_model, load_tokenizer, resolve, save_model
@@ -108,6 +109,7 @@ class RewardModel(nn.Module):
         max_length: int = 512,
         batch_size: int = 16,
         normalisation: Normalisation | None = None,
+        packing: bool = True,
     ):
         super().__init__()
         self.name = "rm"  # how logs and error messages of the scorer interface label it
@@ -119,6 +121,8 @@ class RewardModel(nn.Module):
         self.pooling: Pooling = pooling or DEFAULT_POOLING[backbone]
         self.max_length, self.batch_size = max_length, batch_size
         self.progress = False  # show a progress bar while scoring (the CLI turns it on)
+        self.packing = packing  # asked for; `packs()` says whether it is used
+        self._isolates: bool | None = None  # the answer of the packing check, once asked
         self.normalisation = normalisation or Normalisation()
         base = _base(model)
         hidden_size = base.config.get_text_config().hidden_size
@@ -144,17 +148,53 @@ class RewardModel(nn.Module):
         return base.get_decoder() if self.backbone == "causal" else base
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        ends: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Raw rewards [B] (fp32) of right-padded rows `input_ids` [B, T]."""
+        """Raw rewards (fp32): [B] of right-padded rows `input_ids` [B, T], or [N] of the sequences packed in
+        them, read at their last tokens `ends` [N] (flat indices into B · T, `collate_packed`)."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.backbone == "causal":
             # Encoders number positions themselves (RoBERTa starts after the padding index), so only the
             # decoder gets the collated position ids.
             kwargs.update(position_ids=position_ids, use_cache=False)
         hidden = self.body()(**kwargs).last_hidden_state
-        pooled = pool(hidden, attention_mask, self.pooling)
+        pooled = pool(hidden, attention_mask, self.pooling) if ends is None else hidden.flatten(0, 1)[ends]
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def packs(self) -> bool:
+        """Whether batches are packed: asked for, a causal backbone read at the last token, and attention
+        that keeps packed sequences apart."""
+        if not (self.packing and self.backbone == "causal" and self.pooling == "last"):
+            return False
+        if self._isolates is None:
+            self._isolates = self._keeps_packed_sequences_apart()
+        return self._isolates
+
+    @torch.no_grad()
+    def _keeps_packed_sequences_apart(self) -> bool:
+        """One tiny forward: is the last hidden state of a sequence packed after another the same as alone?
+
+        `transformers` turns restarting position ids into a block-diagonal mask in its own attention
+        implementations (eager, sdpa, flex; flash attention goes varlen), but a model that builds its own
+        mask (remote code, an older version) would let each sequence attend to the ones before it in the
+        row, silently. Leaking changes the state by O(1); the 5% tolerance only absorbs bf16 rounding.
+        """
+        was_training = self.training
+        self.eval()  # no dropout in the comparison
+        device = self.head.weight.device
+        first, second = [3, 5, 7, 9], [4, 6, 8]
+        packed = self.body()(
+            input_ids=torch.tensor([first + second], device=device),
+            position_ids=torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device),
+            use_cache=False,
+        ).last_hidden_state[0, -1].float()
+        alone = self.body()(input_ids=torch.tensor([second], device=device), use_cache=False).last_hidden_state[0, -1].float()
+        self.train(was_training)
+        return bool((packed - alone).norm() <= 0.05 * alone.norm())
 
     # --- tokenisation and scoring -----------------------------------------------------------------------
 
@@ -194,7 +234,8 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def rewards_of(self, examples: Sequence[Example], *, normalised: bool = True) -> torch.Tensor:
-        """Rewards [N] (CPU, fp32) of tokenised examples, batched by similar length to waste little on padding."""
+        """Rewards [N] (CPU, fp32) of tokenised examples, `batch_size` per forward pass, packed (`packs()`) or
+        batched by similar length to waste little on padding."""
         if not examples:
             return torch.zeros(0)
         was_training = self.training
@@ -204,14 +245,17 @@ class RewardModel(nn.Module):
         order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
         result = torch.zeros(len(examples))
         starts = range(0, len(order), self.batch_size)
+        packs = self.packs()
         if self.progress and len(order) > self.batch_size:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="scoring", unit="batch")
         for start in starts:
             chunk = order[start : start + self.batch_size]
-            batch = collate([[examples[i]] for i in chunk], pad_id).to(device)
-            result[chunk] = self(batch.input_ids, batch.attention_mask, batch.position_ids).cpu()
+            items = [examples[i] for i in chunk]
+            batch = collate_packed(items, self.max_length, pad_id) if packs else collate([[e] for e in items], pad_id)
+            batch = batch.to(device)
+            result[chunk] = self(batch.input_ids, batch.attention_mask, batch.position_ids, batch.ends).cpu()
         self.train(was_training)
         return self.normalise(result) if normalised else result
 
@@ -265,6 +309,7 @@ def build_reward_model(
     trust_remote_code: bool = False,
     max_length: int = 512,
     batch_size: int = 16,
+    packing: bool = True,
 ) -> RewardModel:
     """A fresh reward model (new head) on the backbone `name`: a causal LM, or an encoder with AutoModel."""
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
@@ -275,7 +320,9 @@ def build_reward_model(
         model = apply_lora(_load_encoder(name, trust_remote_code), lora, task_type="FEATURE_EXTRACTION")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return RewardModel(model, tokenizer, backbone=backbone, pooling=pooling, max_length=max_length, batch_size=batch_size)
+    return RewardModel(
+        model, tokenizer, backbone=backbone, pooling=pooling, max_length=max_length, batch_size=batch_size, packing=packing
+    )
 
 
 def _load_encoder(name: str, trust_remote_code: bool) -> nn.Module:
