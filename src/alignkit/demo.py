@@ -1,5 +1,5 @@
-"""`make demo`: the whole recipe on the built-in SmolLM2-135M-Instruct and the shipped data, in about a quarter
-of an hour on a 2-core CPU: SFT, a proxy and a held-out ("gold") reward model, DPO, a short PPO, an evaluation
+"""`make demo`: the whole recipe on the built-in SmolLM2-135M-Instruct and the shipped data, in about ten
+minutes on a 2-core CPU: SFT, a proxy and a held-out ("gold") reward model, DPO, a short PPO, an evaluation
 of the aligned model against the start model, and the HTML report. The pipeline is `resources/demo.yaml`; this
 module runs it and prints the numbers a reader looks for first.
 
