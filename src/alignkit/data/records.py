@@ -6,6 +6,7 @@ line it came from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -89,3 +90,16 @@ Record = Conversation | PreferencePair | Ranking | LabelledCompletion | PromptWi
 
 def user_prompt(text: str) -> Prompt:
     return (Message("user", text),)
+
+
+def distinct_answers(completions: Sequence[str]) -> list[str]:
+    """Non-empty completions without repeats (same text up to surrounding whitespace), first occurrence kept:
+    a pair of identical answers teaches nothing, to a judge or to a labeller."""
+    seen: set[str] = set()
+    kept = []
+    for completion in completions:
+        key = completion.strip()
+        if key and key not in seen:
+            seen.add(key)
+            kept.append(completion)
+    return kept

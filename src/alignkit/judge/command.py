@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignkit.data.loading import InvalidRecord, load_records, parse_prompt, read_rows
-from alignkit.data.records import PreferencePair, Prompt, PromptWithAnswer, Ranking
+from alignkit.data.records import PreferencePair, Prompt, PromptWithAnswer, Ranking, distinct_answers
 from alignkit.errors import AlignkitError, DataError
 from alignkit.judge.backends import Judge, build_judge, judge_name
 from alignkit.judge.compare import PairRequest, judge_pairs
@@ -270,17 +270,6 @@ def _messages_json(prompt: Prompt) -> Any:
     return prompt[-1].content if len(prompt) == 1 else [asdict(m) for m in prompt]
 
 
-def distinct(completions: Sequence[str]) -> list[str]:
-    """The non-empty completions, each once (a pair of identical answers teaches nothing)."""
-    seen, out = set(), []
-    for c in completions:
-        key = c.strip()
-        if key and key not in seen:
-            seen.add(key)
-            out.append(c)
-    return out
-
-
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -351,7 +340,7 @@ def run_compare(config: JudgeConfig, judge: Judge | None = None, constitution: C
         requests: list[PairRequest] = []
         plans = []  # per prompt: its distinct answers, principle, and the slice of `requests` it owns
         for row in chunk:
-            answers = distinct(row.completions)
+            answers = distinct_answers(row.completions)
             principle = constitution.draw(f"{config.seed}:{row.line}") if constitution else None
             start = len(requests)
             text = prompt_text(row.prompt)

@@ -23,6 +23,7 @@ from sqlalchemy import Engine, and_, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from alignkit.data.loading import InvalidRecord, parse_prompt, read_rows
+from alignkit.data.records import distinct_answers
 from alignkit.errors import AlignkitError, DataError
 from alignkit.label.db import annotators, assignments, labels, now, open_database, read_transaction, tasks, write_transaction
 
@@ -109,18 +110,6 @@ def hash_token(token: str) -> str:
 
 def task_key(mode: str, prompt: list[dict[str, str]], responses: list[str]) -> str:
     return hashlib.sha256(json.dumps([mode, prompt, responses], ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def distinct_answers(completions: list[str]) -> list[str]:
-    """Non-empty completions without repeats (same text up to surrounding whitespace), first occurrence kept."""
-    seen: set[str] = set()
-    kept = []
-    for completion in completions:
-        key = completion.strip()
-        if key and key not in seen:
-            seen.add(key)
-            kept.append(completion)
-    return kept
 
 
 def comparisons(responses: list[str], mode: Mode) -> list[list[str]]:
