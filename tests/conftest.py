@@ -63,22 +63,29 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 @contextlib.contextmanager
-def chromium_page(html: Path):
-    """`html` opened in headless Chromium (Debian's, which `make test` installs): the page and every URL it requested."""
+def chromium_browser():
+    """Headless Chromium (Debian's, which `make test` installs) through Playwright; the test is skipped without it."""
     if not os.path.exists(CHROMIUM) or shutil.which(CHROMIUM) is None:
         pytest.skip(f"no Chromium at {CHROMIUM} (`make test` installs Debian's chromium)")
     playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            requests: list[str] = []
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(html.as_uri())
-            page.wait_for_load_state("load")
-            yield page, requests
+            yield browser
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def chromium_page(html: Path):
+    """`html` opened in headless Chromium: the page and every URL it requested."""
+    with chromium_browser() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(html.as_uri())
+        page.wait_for_load_state("load")
+        yield page, requests
 
 
 def loaded_images(page) -> list:

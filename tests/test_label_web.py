@@ -6,24 +6,20 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import random
-import shutil
 import threading
 import time
 from collections import Counter
 
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 from alignkit.label.db import labels as labels_table
 from alignkit.label.server import start_in_thread
 from alignkit.label.store import Answer, LabelStore
-from conftest import write_jsonl
+from conftest import chromium_browser, write_jsonl
+from test_label import db  # noqa: F401  (the fixture: a fresh SQLite, or PostgreSQL database)
 
-CHROMIUM = os.environ.get("ALIGNKIT_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]  # fmt: skip
 XSS_SCRIPT = "<script>window.pwned = 1</script> and **bold**"
 XSS_IMG = 'Look: <img src=x onerror="window.pwned = 2"> done\n```python\nprint("<b>code</b>")\n```'
 
@@ -54,22 +50,6 @@ class Client:
 
     def close(self) -> None:
         self.conn.close()
-
-
-POSTGRES = os.environ.get("ALIGNKIT_TEST_POSTGRES_URL")  # e.g. postgresql+psycopg://postgres@127.0.0.1:5432/labels_test
-
-
-@pytest.fixture(params=["sqlite"] + (["postgresql"] if POSTGRES else []))
-def db(request, tmp_path):
-    """A fresh database: a SQLite file, and PostgreSQL too when ALIGNKIT_TEST_POSTGRES_URL names one."""
-    if request.param == "sqlite":
-        return str(tmp_path / "labels.db")
-    engine = create_engine(POSTGRES)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
-    return POSTGRES
 
 
 def make_store(tmp_path, rows, *, mode="pairwise", m=3, db=None):
@@ -261,13 +241,8 @@ def test_simultaneous_submits_of_one_answer_count_once(served):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not os.path.exists(CHROMIUM) or shutil.which(CHROMIUM) is None:
-        pytest.skip(f"no Chromium at {CHROMIUM} (`make test` installs Debian's chromium)")
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+    with chromium_browser() as launched:
+        yield launched
 
 
 def log_in(page, url: str, token: str) -> None:
