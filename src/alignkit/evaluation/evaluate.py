@@ -301,9 +301,13 @@ def print_table(result: dict[str, Any], out=None) -> None:
             return "-"
         return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    w, lc, div = result["win_rate"], result["length_controlled"], result["diversity"]
+    def win_rate(numbers: dict[str, Any]) -> str:
+        low, high = numbers["win_rate_ci95"]
+        return f"{numbers['win_rate']:.3f}  95% CI [{low:.3f}, {high:.3f}]"
+
+    lc, div = result["length_controlled"], result["diversity"]
     rows = [
-        ("win rate (model over baseline)", f"{w:.3f}  95% CI [{result['win_rate_ci95'][0]:.3f}, {result['win_rate_ci95'][1]:.3f}]"),
+        ("win rate (model over baseline)", win_rate(result)),
         ("wins / ties / losses", f"{result['wins']} / {result['ties']} / {result['losses']}"),
         ("length-controlled win rate", fmt(lc["win_rate"])),
         ("mean score (model, baseline)", f"{fmt(result['mean_score']['model'])}, {fmt(result['mean_score']['baseline'])}"),
@@ -317,7 +321,7 @@ def print_table(result: dict[str, Any], out=None) -> None:
     gold = result.get("gold")
     if gold:
         rows[2:2] = [
-            ("held-out judge win rate", f"{gold['win_rate']:.3f}  95% CI [{gold['win_rate_ci95'][0]:.3f}, {gold['win_rate_ci95'][1]:.3f}]"),
+            ("held-out judge win rate", win_rate(gold)),
             ("held-out judge length-controlled", fmt(gold["length_controlled"]["win_rate"])),
         ]
     tax = result.get("alignment_tax")
