@@ -73,6 +73,29 @@ def test_loss_value_and_gradient_by_hand(tiny_tokenizer, normalisation):
     assert GRPOLoss(cfg).units(rollout) == (7 if normalisation == "token" else 2)
 
 
+def test_update_in_pieces_of_groups_gives_the_whole_rollouts_loss_and_steps(tmp_path, tiny_tokenizer, e_reward):
+    model = TokenLogprobModel(load_model(TINY_LLAMA))
+    short = Sample(user_prompt("q"), [5, 6], [Completion("", [8], True, 2), Completion("", [8, 9], False)])
+    long = Sample(user_prompt("r"), [5, 6, 7], [Completion("", [8, 9, 10, 11], True, 2), Completion("", [9], False)])
+    batch = collate(rollout_rows([short, long]), tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        ref = model(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask) - 0.1
+    rollout = RolloutBatch(batch, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.tensor([1.0, 0.0, 1.0, 0.0]), ref, torch.ones(4, dtype=torch.bool))
+    cfg = GRPOConfig(prompts="x", output="x", num_generations=2, beta=0.1, update_batch_size=1)
+    loss = GRPOLoss(cfg)
+    pieces = loss.pieces(rollout)
+    # Each piece is one group, cut to its own longest row: the short group drops the long one's padding.
+    assert [p.batch.input_ids.shape for p in pieces] == [(2, 4), (2, 8)]
+    assert sum(p.n_tokens for p in pieces) == batch.n_tokens
+    assert sum(loss(model, p)[0] for p in pieces).item() == pytest.approx(loss(model, rollout)[0].item(), abs=1e-6)
+
+    common = dict(reward=e_reward, beta=0.1, lr=5e-2, max_steps=3)
+    run_grpo(config(tmp_path, output=str(tmp_path / "pieces"), update_batch_size=4, **common))
+    run_grpo(config(tmp_path, output=str(tmp_path / "whole"), update_batch_size=0, **common))
+    losses = [m["loss"] for m in read_metrics(tmp_path / "pieces")]
+    assert losses == pytest.approx([m["loss"] for m in read_metrics(tmp_path / "whole")], rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.parametrize("advantage", ["grpo", "rloo", "dr_grpo"])
 def test_policy_learns_a_reward(tmp_path, e_reward, advantage):
     run_grpo(config(tmp_path, reward=e_reward, advantage=advantage, max_steps=24, lr=2e-2, beta=0.0, batch_size=2, num_generations=8))

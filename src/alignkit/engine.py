@@ -98,6 +98,17 @@ class Loss(Protocol):
         """The summed loss of the micro-batch and metric sums (divided by the step's units for logging)."""
 
 
+def pieces_of(loss_fn: Loss, batch: Any) -> Sequence[Any]:
+    """The parts of a micro-batch that go forward and backward one at a time.
+
+    A loss with a `pieces(batch)` method splits a micro-batch whose size is fixed by the algorithm (a GRPO
+    rollout of prompts × K) into smaller passes: the summed loss, hence the gradient, is unchanged, and only
+    one piece's activations are alive at once.
+    """
+    split = getattr(loss_fn, "pieces", None)
+    return split(batch) if split is not None else (batch,)
+
+
 class MicroBatches(Protocol):
     """A deterministic, endless stream of global micro-batches; `skip(n)` jumps ahead without collating."""
 
@@ -378,11 +389,12 @@ def train(
         scale = accelerator.num_processes / max(units.item(), 1.0)
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(local):
-            batch = batch.to(accelerator.device)
-            sync = accelerator.no_sync(model) if i < len(local) - 1 else contextlib.nullcontext()
+        passes = [piece for batch in local for piece in pieces_of(loss_fn, batch)]
+        for i, piece in enumerate(passes):
+            piece = piece.to(accelerator.device)
+            sync = accelerator.no_sync(model) if i < len(passes) - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
-                loss_sum, metrics = loss_fn(model, batch)
+                loss_sum, metrics = loss_fn(model, piece)
                 accelerator.backward(loss_sum * scale)
             for name, value in {"loss": loss_sum, **metrics}.items():
                 total, count = value if isinstance(value, tuple) else (value, None)

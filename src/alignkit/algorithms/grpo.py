@@ -49,6 +49,9 @@ class GRPOConfig(EngineConfig, RolloutOptions, ModelOptions):
     """K, completions sampled per prompt"""
     batch_size: int = 4
     """prompts per micro-batch (each with K completions)"""
+    update_batch_size: int = 8
+    """completions per forward/backward pass of the update, rounded up to whole groups of K (0: the whole
+    micro-batch at once); the gradient is the same, the activation memory of a pass shrinks with it"""
     advantage: Literal["grpo", "rloo", "dr_grpo"] = "grpo"
     """group baseline: grpo (z-score in the group), rloo (leave-one-out mean), dr_grpo (mean, no std division)"""
     loss_normalisation: Literal["sequence", "token"] = "sequence"
@@ -93,6 +96,13 @@ class RolloutBatch:
     @property
     def n_sequences(self) -> int:
         return int(self.rewards.numel())
+
+    def groups(self, start: int, stop: int, k: int) -> "RolloutBatch":
+        """The completions of prompts start:stop (K each)."""
+        rows = slice(start * k, stop * k)
+        batch = self.batch.rows(rows.start, rows.stop)
+        ref = None if self.ref_logps is None else self.ref_logps[rows, : batch.input_ids.shape[1]]
+        return RolloutBatch(batch, self.advantages[rows], self.rewards[rows], ref, self.finished[rows])
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         ref = None if self.ref_logps is None else self.ref_logps.to(device)
@@ -158,6 +168,14 @@ class GRPOLoss:
     def units(self, rollout: RolloutBatch) -> int:
         mask = rollout.batch.labels != IGNORE
         return int(mask.sum()) if self.config.loss_normalisation == "token" else rollout.n_sequences
+
+    def pieces(self, rollout: RolloutBatch) -> list[RolloutBatch]:
+        k = self.config.num_generations
+        prompts = rollout.n_sequences // k
+        per_piece = prompts if self.config.update_batch_size <= 0 else max(1, -(-self.config.update_batch_size // k))
+        if per_piece >= prompts:
+            return [rollout]
+        return [rollout.groups(start, min(start + per_piece, prompts), k) for start in range(0, prompts, per_piece)]
 
     def __call__(self, model: torch.nn.Module, rollout: RolloutBatch):
         config = self.config

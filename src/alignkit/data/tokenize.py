@@ -196,6 +196,20 @@ class Batch:
     def n_targets(self) -> int:
         return int((self.labels != IGNORE).sum())
 
+    def rows(self, start: int, stop: int) -> "Batch":
+        """Rows start:stop of a right-padded batch, without the padding columns none of them needs."""
+        if self.attention_mask is None or self.ends is not None:
+            raise ValueError("only a right-padded batch (not a packed one) can be cut into rows")
+        mask = self.attention_mask[start:stop]
+        width = int(mask.sum(-1).max())
+        return Batch(
+            self.input_ids[start:stop, :width],
+            self.labels[start:stop, :width],
+            self.position_ids[start:stop, :width],
+            mask[:, :width],
+            int(mask.sum()),
+        )
+
 
 def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> Batch:
     """Right-pad rows to the longest; a row of several examples is packed (restarting positions, no mask)."""
