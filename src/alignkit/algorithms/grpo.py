@@ -25,22 +25,22 @@ from typing import Literal
 
 import torch
 
+from alignkit.algorithms.online import OnlineRLConfig, start_online_run
 from alignkit.data.records import PromptWithAnswer
 from alignkit.data.tokenize import IGNORE, Batch, collate
-from alignkit.engine import EngineConfig, Shuffled, make_accelerator, train
+from alignkit.engine import Shuffled, train
 from alignkit.errors import AlignkitError
 from alignkit.evaluation.tracking import held_out_tracker
 from alignkit.generation import SamplingParams, TransformersGenerator, rollout_rows
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses.policy import KLEstimator, clipped_surrogate, group_advantages, kl_penalty, rloo_advantages
-from alignkit.models import describe, load_tokenizer, save_model
-from alignkit.options import ModelOptions, RolloutOptions
+from alignkit.models import describe, save_model
 from alignkit.reference import policy_reference, reference_logps
-from alignkit.rewards.verifiers import Scorer, build_scorer
+from alignkit.rewards.verifiers import Scorer
 
 
 @dataclass
-class GRPOConfig(EngineConfig, RolloutOptions, ModelOptions):
+class GRPOConfig(OnlineRLConfig):
     """Options of `alignkit grpo`."""
 
     reward: str = "gsm8k"
@@ -60,17 +60,9 @@ class GRPOConfig(EngineConfig, RolloutOptions, ModelOptions):
     """weight of the k3 KL penalty to the reference (0: no reference model)"""
     clip_eps: float = 0.2
     """PPO clipping range ε"""
-    lr: float = 1e-6
-    """peak learning rate of AdamW"""
-    warmup_ratio: float = 0.0
-    """fraction of the steps spent warming the learning rate up linearly from 0"""
-    scheduler: Literal["cosine", "linear", "constant", "wsd"] = "constant"
-    """learning-rate schedule after warm-up"""
 
     def validate(self) -> None:
-        self.require_prompts()
-        if not self.output:
-            raise AlignkitError("no output directory given", fix="pass --output DIR")
+        super().validate()
         if self.num_generations < 2:
             raise AlignkitError("--num-generations must be at least 2: advantages compare samples of one prompt")
 
@@ -205,34 +197,27 @@ class GRPOLoss:
 
 
 def run_grpo(config: GRPOConfig) -> dict:
-    accelerator = make_accelerator(config)
-    log = accelerator.print
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    fits, eval_records = config.load_prompts(tokenizer, log)
-    scorer = build_scorer(config.reward)
-
-    policy = config.build_policy()
-    model = policy.model
+    run = start_online_run(config)
+    policy, log = run.policy, run.log
     # The over-optimisation curve needs the KL, so a gold reward loads a reference even with --beta 0.
-    reference = policy_reference(policy) if config.beta > 0 or (eval_records and config.gold_reward) else None
+    reference = policy_reference(policy) if config.beta > 0 or (run.eval_prompts and config.gold_reward) else None
     # Rollouts need batch_size prompts per call; greedy evaluation goes faster with wider batches.
-    generator = TransformersGenerator(model, tokenizer, batch_size=max(config.batch_size, 16))
+    generator = TransformersGenerator(policy.model, run.tokenizer, batch_size=max(config.batch_size, 16))
     log(f"model {config.model}: {describe(policy)}; K={config.num_generations}, advantage {config.advantage}, reward {config.reward}")
 
     output = Path(config.output)
-    extra: dict = {"train_prompts": len(fits), **describe(policy)}
-    tracker = held_out_tracker(config, output, eval_records, generator, policy, reference, scorer, tokenizer.pad_token_id, log)
-    if tracker is not None and (config.overwrite or not (output / "summary.json").exists()):
-        extra["eval_before"] = tracker.before()
-        log(f"held-out mean reward (accuracy for a 0/1 verifier) before: {extra['eval_before']['reward']:.3f}")
+    extra: dict = {"train_prompts": len(run.prompts), **describe(policy)}
+    pad_id = run.tokenizer.pad_token_id
+    tracker = held_out_tracker(config, output, run.eval_prompts, generator, policy, reference, run.scorer, pad_id, log)
+    run.evaluate_before(config, tracker, extra)
 
     def save_final(trained: TokenLogprobModel, out: Path) -> None:
-        save_model(trained.model, tokenizer, out)
+        save_model(trained.model, run.tokenizer, out)
         if tracker is not None:
             extra.update(tracker.after())
 
     rollout_reference = reference if config.beta > 0 else None
-    stream = GroupRollouts(config, policy, rollout_reference, generator, scorer, fits, tokenizer.pad_token_id)
+    stream = GroupRollouts(config, policy, rollout_reference, generator, run.scorer, run.prompts, pad_id)
     result = train(
         algorithm=f"grpo-{config.advantage}",
         config=config,
@@ -241,12 +226,8 @@ def run_grpo(config: GRPOConfig) -> dict:
         loss_fn=GRPOLoss(config),
         stream=stream,
         save_final=save_final,
-        accelerator=accelerator,
+        accelerator=run.accelerator,
         extra_summary=extra,
         on_step=None if tracker is None else tracker.on_step,
     )
-    evals = ""
-    if "eval_before" in extra and "eval_after" in extra:
-        evals = f", held-out mean reward {extra['eval_before']['reward']:.3f} -> {extra['eval_after']['reward']:.3f}"
-    log(f"done: {result.steps} steps, {result.tokens_per_s:.0f} tokens/s, peak memory {result.peak_memory_mb:.0f} MiB{evals}")
-    return {**vars(result), **extra}
+    return run.report(result, extra)

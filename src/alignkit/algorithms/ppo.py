@@ -24,15 +24,15 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
+from alignkit.algorithms.online import OnlineRLConfig, start_online_run
 from alignkit.algorithms.sft import encode_conversations
 from alignkit.data.loading import load_records
 from alignkit.data.tokenize import IGNORE, Batch, collate, truncate
-from alignkit.engine import EngineConfig, Shuffled, make_accelerator, train
+from alignkit.engine import Shuffled, train
 from alignkit.errors import AlignkitError
 from alignkit.evaluation.tracking import held_out_tracker
 from alignkit.generation import SamplingParams, TransformersGenerator, rollout_rows
@@ -45,14 +45,13 @@ from alignkit.losses.policy import (
     masked_whiten,
     sequence_rewards_to_tokens,
 )
-from alignkit.models import describe, load_tokenizer, save_model
-from alignkit.options import ModelOptions, RolloutOptions
+from alignkit.models import describe, save_model
 from alignkit.reference import policy_reference, reference_logps
-from alignkit.rewards.verifiers import Scorer, build_scorer
+from alignkit.rewards.verifiers import Scorer
 
 
 @dataclass
-class PPOConfig(EngineConfig, RolloutOptions, ModelOptions):
+class PPOConfig(OnlineRLConfig):
     """Options of `alignkit ppo`."""
 
     value_model: str = ""
@@ -89,21 +88,13 @@ class PPOConfig(EngineConfig, RolloutOptions, ModelOptions):
     """PPO-ptx: SFT or text data whose language-modelling loss is mixed into each update"""
     ptx_coef: float = 0.0
     """PPO-ptx: weight γ of that loss"""
-    lr: float = 1e-6
-    """peak learning rate of AdamW"""
-    warmup_ratio: float = 0.0
-    """fraction of the steps spent warming the learning rate up linearly from 0"""
-    scheduler: Literal["cosine", "linear", "constant", "wsd"] = "constant"
-    """learning-rate schedule after warm-up"""
 
     def steps_per_rollout(self) -> int:
         rows = self.rollout_size * self.num_generations
         return self.ppo_epochs * math.ceil(rows / self.batch_size) // self.grad_accum
 
     def validate(self) -> None:
-        self.require_prompts()
-        if not self.output:
-            raise AlignkitError("no output directory given", fix="pass --output DIR")
+        super().validate()
         rows = self.rollout_size * self.num_generations
         if rows % self.batch_size or (rows // self.batch_size) % self.grad_accum:
             raise AlignkitError(
@@ -317,18 +308,12 @@ class PPOLoss:
 
 
 def run_ppo(config: PPOConfig) -> dict:
-    accelerator = make_accelerator(config)
-    log = accelerator.print
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    fits, eval_records = config.load_prompts(tokenizer, log)
-    scorer = build_scorer(config.reward)
-
-    policy = config.build_policy()
-    model = policy.model
+    run = start_online_run(config)
+    policy, tokenizer, log = run.policy, run.tokenizer, run.log
     reference = policy_reference(policy)
     value_backbone, value_head = build_value(config, policy, tokenizer)
     combined = PolicyAndValue(policy, value_backbone, value_head)
-    generator = TransformersGenerator(model, tokenizer, batch_size=config.rollout_size)
+    generator = TransformersGenerator(policy.model, tokenizer, batch_size=config.rollout_size)
     kl = AdaptiveKL(config.kl_coef, config.target_kl if config.adaptive_kl else None, config.kl_horizon)
     ptx = None
     if config.ptx_coef > 0:
@@ -338,18 +323,17 @@ def run_ppo(config: PPOConfig) -> dict:
     log(f"model {config.model}: {describe(combined)}; reward {config.reward}; value {'shared head' if value_backbone is None else 'from the reward model'}")
 
     output = Path(config.output)
-    extra: dict = {"train_prompts": len(fits), **describe(combined)}
-    tracker = held_out_tracker(config, output, eval_records, generator, policy, reference, scorer, tokenizer.pad_token_id, log)
-    if tracker is not None and (config.overwrite or not (output / "summary.json").exists()):
-        extra["eval_before"] = tracker.before()
-        log(f"held-out reward before: {extra['eval_before']['reward']:.3f}")
+    extra: dict = {"train_prompts": len(run.prompts), **describe(combined)}
+    pad_id = tokenizer.pad_token_id
+    tracker = held_out_tracker(config, output, run.eval_prompts, generator, policy, reference, run.scorer, pad_id, log)
+    run.evaluate_before(config, tracker, extra)
 
     def save_final(trained: PolicyAndValue, out: Path) -> None:
         save_model(trained.policy.model, tokenizer, out)
         if tracker is not None:
             extra.update(tracker.after())
 
-    stream = PPORollouts(config, combined, reference, generator, scorer, fits, tokenizer.pad_token_id, kl, ptx)
+    stream = PPORollouts(config, combined, reference, generator, run.scorer, run.prompts, pad_id, kl, ptx)
     result = train(
         algorithm="ppo",
         config=config,
@@ -358,13 +342,9 @@ def run_ppo(config: PPOConfig) -> dict:
         loss_fn=PPOLoss(config),
         stream=stream,
         save_final=save_final,
-        accelerator=accelerator,
+        accelerator=run.accelerator,
         extra_summary=extra,
         checkpointed=[kl],
         on_step=None if tracker is None else tracker.on_step,
     )
-    evals = ""
-    if "eval_before" in extra and "eval_after" in extra:
-        evals = f", held-out reward {extra['eval_before']['reward']:.3f} -> {extra['eval_after']['reward']:.3f}"
-    log(f"done: {result.steps} steps, {result.tokens_per_s:.0f} tokens/s, peak memory {result.peak_memory_mb:.0f} MiB{evals}")
-    return {**vars(result), **extra}
+    return run.report(result, extra)
