@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 
 from alignkit.data.records import user_prompt
-from alignkit.generation import SamplingParams, TransformersGenerator
+from alignkit import generation
+from alignkit.generation import SamplingParams, TransformersGenerator, next_tokens
 from alignkit.models import TINY_LLAMA, load_model
 from conftest import SHARED_DATA, run_cli
 
@@ -41,6 +44,39 @@ def test_batching_does_not_change_greedy_output(tiny_tokenizer):
     one_by_one = generator(tiny_tokenizer, batch_size=1).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=10))
     batched = generator(tiny_tokenizer, batch_size=3).generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=10))
     assert [s.completions[0].token_ids for s in one_by_one] == [s.completions[0].token_ids for s in batched]
+
+
+def test_a_padded_row_decodes_with_the_logits_of_its_unpadded_sequence(tiny_tokenizer, monkeypatch):
+    """Left padding and the copied prompt cache must leave a row exactly what training will see: same positions,
+    same attention. The shortest prompt is the last, most padded row of the batch."""
+    model = load_model(TINY_LLAMA)
+    seen = []
+
+    def recording(logits, temperature, top_p):
+        if logits.shape[0] == 6:  # while no row has finished and left the batch
+            seen.append(logits[-1].clone())
+        return next_tokens(logits, temperature, top_p)
+
+    monkeypatch.setattr(generation, "next_tokens", recording)
+    samples = TransformersGenerator(model, tiny_tokenizer, batch_size=3).generate(PROMPTS, SamplingParams(n=2, temperature=0, max_new_tokens=8))
+    shortest = min(samples, key=lambda s: len(s.prompt_token_ids))
+    answer = shortest.completions[1].trained_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([shortest.prompt_token_ids + answer])).logits[0]
+    start = len(shortest.prompt_token_ids) - 1
+    steps = min(len(seen), len(answer))
+    assert steps >= 4
+    torch.testing.assert_close(torch.stack(seen[:steps]), logits[start : start + steps], atol=1e-5, rtol=1e-4)
+
+
+def test_nucleus_keeps_the_smallest_set_of_top_tokens_reaching_top_p():
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log().expand(2000, 3)
+    torch.manual_seed(0)
+    assert set(next_tokens(logits, 1.0, 0.5).tolist()) == {0}
+    counts = torch.bincount(next_tokens(logits, 1.0, 0.6), minlength=3)
+    assert counts[2] == 0 and counts[1] / counts.sum() == pytest.approx(0.3 / 0.8, abs=0.04)
+    assert set(next_tokens(logits, 1.0, 1.0).tolist()) == {0, 1, 2}
+    assert next_tokens(logits[:1], 0.0, 1.0).tolist() == [0]
 
 
 def test_sampling_is_reproducible_from_the_seed(tiny_tokenizer):

@@ -142,7 +142,9 @@ def test_held_out_checkpoints_trace_proxy_gold_and_kl_without_changing_training(
     assert rows[-1]["kl"] != 0.0 and rows[-1]["sqrt_kl"] == pytest.approx(max(rows[-1]["kl"], 0.0) ** 0.5)
     assert all(r["gold"] in (0.0, 0.25, 0.5, 0.75, 1.0) and r["length"] > 0 for r in rows)
     assert tracked["eval_after"]["reward"] == rows[-1]["proxy"] and tracked["eval_before"]["reward"] == rows[0]["proxy"]
-    assert set(tracked["alarms"]) == {"overoptimisation", "length_drift", "mode_collapse"}
+    # mode_collapse is left out when the tiny model's answers start with no word bigram (distinct-2 = 0).
+    assert {"overoptimisation", "length_drift"} <= set(tracked["alarms"]) <= {"overoptimisation", "length_drift", "mode_collapse"}
+    assert all(set(a) == {"fired", "at_step", "message"} for a in tracked["alarms"].values())
     # --eval-every 0: before and after only, and without a gold reward no over-optimisation verdict.
     plain_rows = read_jsonl(tmp_path / "plain" / "overoptimisation.jsonl")
     assert [r["step"] for r in plain_rows] == [0, 5] and plain_rows[-1]["gold"] is None

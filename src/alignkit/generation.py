@@ -1,9 +1,8 @@
 """Sampling K completions per prompt: the rollout engine of best-of-N, GRPO, PPO and evaluation.
 
-`Generator` is the interface; `TransformersGenerator` implements it with `model.generate` and the KV cache.
-When K > 1 the prompt is encoded once and its cache copied K times (prefix sharing), instead of
-`num_return_sequences` re-running the prompt for each sample. A vLLM backend can implement the same
-interface.
+`Generator` is the interface; `TransformersGenerator` implements it with a `transformers` causal LM, its KV
+cache and a small decoding loop of our own. The prompt is encoded once and its cache copied K times (prefix
+sharing), and a row that has finished leaves the batch. A vLLM backend can implement the same interface.
 """
 
 from __future__ import annotations
@@ -100,39 +99,75 @@ class TransformersGenerator:
         device = next(self.model.parameters()).device
         width = max(map(len, batch))
         pad = self.tokenizer.pad_token_id
-        # Left padding keeps every prompt's last token in the last column, where generation continues.
+        # Left padding keeps every prompt's last token in the last column, where sampling continues.
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-        sampling = params.temperature > 0
-        kwargs = dict(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=sampling,
-            temperature=params.temperature if sampling else None,
-            top_p=params.top_p if sampling else None,
-            top_k=None,
-            eos_token_id=self.stop_ids,
-            pad_token_id=pad,
-        )
-        if params.n > 1 and width > 1:
-            # Prefix sharing: run the prompt (all but its last token) once, then copy the cache K times.
-            cache = DynamicCache(config=self.model.config)
-            self.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], past_key_values=cache, use_cache=True)
+        # Positions count real tokens only, as in training, where rows are right-padded from position 0.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        if width > 1:
+            # Prefix sharing: the prompt (all but its last token) runs once, then its cache is copied K times.
+            self.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
+                       past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
             cache.batch_repeat_interleave(params.n)
-            input_ids = input_ids.repeat_interleave(params.n, dim=0)
-            attention = attention.repeat_interleave(params.n, dim=0)
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention, past_key_values=cache, **kwargs)
-        else:
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention, num_return_sequences=params.n, **kwargs
-            )
-        new_tokens = out[:, width:].tolist()
-        completions = []
-        for row in new_tokens:
-            ended = next((j for j, t in enumerate(row) if t in self.stop_ids), None)
-            ids = row if ended is None else row[:ended]
-            stop = None if ended is None else row[ended]
-            completions.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, ended is not None, stop))
+        rows = self._decode(
+            input_ids[:, -1].repeat_interleave(params.n), attention.repeat_interleave(params.n, dim=0),
+            positions[:, -1].repeat_interleave(params.n), cache, params,
+        )  # fmt: skip
+        completions = [
+            Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, stop is not None, stop) for ids, stop in rows
+        ]
         return [completions[i * params.n : (i + 1) * params.n] for i in range(len(batch))]
+
+    def _decode(self, last: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                params: SamplingParams) -> list[tuple[list[int], int | None]]:  # fmt: skip
+        """Sample after each row's `last` prompt token; a row that stops leaves the batch and the cache.
+
+        `model.generate` would keep finished rows in every forward pass until the longest one ends; here the
+        batch shrinks as answers end, which pays most where lengths vary (K samples of one prompt).
+        """
+        tokens, rows = last, torch.arange(last.shape[0])
+        generated: list[list[int]] = [[] for _ in range(last.shape[0])]
+        stops: list[int | None] = [None] * last.shape[0]
+        stop_ids = torch.tensor(self.stop_ids, device=last.device)
+        for _ in range(params.max_new_tokens):
+            logits = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions[:, None],
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
+            chosen = next_tokens(logits, params.temperature, params.top_p)
+            ended = torch.isin(chosen, stop_ids)
+            for row, token, stopped in zip(rows.tolist(), chosen.tolist(), ended.tolist()):
+                if stopped:
+                    stops[row] = token
+                else:
+                    generated[row].append(token)
+            if ended.any():
+                keep = (~ended).nonzero().squeeze(-1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                rows, chosen, attention, positions = rows[keep.cpu()], chosen[keep], attention[keep], positions[keep]
+            tokens = chosen
+            attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=-1)
+            positions = positions + 1
+        return list(zip(generated, stops))
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row of `logits` [R, V]: the argmax at temperature 0, else a sample of the tempered,
+    nucleus-truncated distribution (the smallest set of top tokens whose probability reaches `top_p`)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        ranked, order = probs.sort(dim=-1, descending=True)
+        # A token is dropped when the tokens ranked above it already reach top_p; the first always stays.
+        ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, ranked)
+    # Inverse-CDF sampling: one uniform draw per row. torch.multinomial draws one exponential per vocabulary
+    # entry, a tenth of a decoding step's time at this model size. `right=True` never lands on a zero.
+    cdf = probs.cumsum(-1)
+    draw = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, draw, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 def _as_list(value: object) -> list:
