@@ -223,7 +223,7 @@ def trl_common(w: Workload, out_dir: Path) -> dict:
         output_dir=str(out_dir), max_steps=w.total_steps, per_device_train_batch_size=w.batch_size,
         gradient_accumulation_steps=w.grad_accum, learning_rate=w.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=w.weight_decay, adam_beta1=w.adam_betas[0], adam_beta2=w.adam_betas[1], adam_epsilon=1e-8,
-        optim="adamw_torch", max_grad_norm=w.max_grad_norm, logging_steps=1, save_strategy="no", eval_strategy="no",
+        optim="adamw_torch_fused", max_grad_norm=w.max_grad_norm, logging_steps=1, save_strategy="no", eval_strategy="no",
         report_to="none", bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0, seed=w.seed,
         activation_checkpointing=False, disable_tqdm=True,
     )  # fmt: skip
