@@ -75,6 +75,22 @@ def test_lora_base_reference_equals_precomputed_reference(tiny_tokenizer, prefs)
     assert not torch.allclose(p.chosen, p.ref_chosen, atol=1e-2)
 
 
+def test_padding_free_rows_give_the_padded_rows_log_probs_and_lengths(tiny_tokenizer, prefs):
+    records, _ = load_records(str(prefs), "preference", limit=6)
+    comparisons, _ = encode_comparisons(tiny_tokenizer, records, 96)
+    model = TokenLogprobModel(apply_lora(load_model(TINY_LLAMA), LoraSettings(r=4)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    padded = collate_comparisons(comparisons, tiny_tokenizer.pad_token_id)
+    packed = collate_comparisons(comparisons, tiny_tokenizer.pad_token_id, pack_to=256)
+    assert packed.batch.input_ids.shape[0] < padded.batch.input_ids.shape[0] and packed.n_tokens == padded.n_tokens
+    a, b = (pair_logps(model, cb, "lora-base", needs_reference=True) for cb in (padded, packed))
+    for field in ("chosen", "rejected", "chosen_len", "rejected_len", "ref_chosen", "ref_rejected"):
+        torch.testing.assert_close(getattr(b, field), getattr(a, field), atol=1e-4, rtol=1e-5)
+
+
 def test_lora_base_reference_trains(tmp_path, prefs):
     summary = run_dpo(config(tmp_path, prefs, lora_r=8, reference="lora-base", lr=2e-2))
     assert summary["eval_after"]["accuracy"] >= 0.9

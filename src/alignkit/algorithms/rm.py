@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from alignkit.data.comparisons import Comparison, ComparisonBatch, collate_comparisons, encode_comparisons
 from alignkit.data.loading import InvalidRecord, load_records, parse_prompt, read_rows
 from alignkit.data.records import PreferencePair, Prompt, Ranking
-from alignkit.data.tokenize import TruncationReport, collate_packed
+from alignkit.data.tokenize import TruncationReport
 from alignkit.engine import EngineConfig, Shuffled, make_accelerator, train
 from alignkit.errors import AlignkitError, DataError
 from alignkit.losses.preference import bradley_terry_loss
@@ -160,9 +160,7 @@ def collate_for_rm(chunk: Sequence[Comparison], pad_id: int, use_margins: bool, 
     `pack_to` > 0 packs all answers into rows of at most that many tokens (`collate_packed`), whose `ends`
     keep the answers' order, so `pair_indices()` holds for packed and padded rows alike.
     """
-    batch = collate_comparisons(chunk, pad_id)
-    if pack_to:
-        batch.batch = collate_packed([r for c in chunk for r in c.responses], pack_to, pad_id)
+    batch = collate_comparisons(chunk, pad_id, pack_to)
     if not use_margins:
         batch.margins = None
     elif batch.margins is None and any(c.margin is not None for c in chunk):

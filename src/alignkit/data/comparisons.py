@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from alignkit.data.records import PreferencePair, Ranking
-from alignkit.data.tokenize import Batch, Example, TruncationReport, collate, encode_prompt_completion, truncate_together
+from alignkit.data.tokenize import Batch, Example, TruncationReport, collate, collate_packed, encode_prompt_completion, truncate_together
 
 
 @dataclass
@@ -89,7 +89,9 @@ def encode_comparisons(
     return comparisons, report
 
 
-def collate_comparisons(comparisons: Sequence[Comparison], pad_id: int) -> ComparisonBatch:
+def collate_comparisons(comparisons: Sequence[Comparison], pad_id: int, pack_to: int = 0) -> ComparisonBatch:
+    """One row per response, right-padded; with `pack_to` > 0 the responses are laid end to end in rows of at
+    most that many tokens instead (`collate_packed`: read them back with `ends` or `example_sums`)."""
     rows = [[response] for c in comparisons for response in c.responses]
     margins = None
     if all(c.margin is not None for c in comparisons):
@@ -97,6 +99,5 @@ def collate_comparisons(comparisons: Sequence[Comparison], pad_id: int) -> Compa
     ref = None
     if all(c.ref_logps is not None for c in comparisons):
         ref = torch.tensor([lp for c in comparisons for lp in c.ref_logps], dtype=torch.float32)  # type: ignore[union-attr]
-    return ComparisonBatch(
-        collate(rows, pad_id), [len(c.responses) for c in comparisons], margins, ref, [c.origin for c in comparisons]
-    )
+    batch = collate_packed([row[0] for row in rows], pack_to, pad_id) if pack_to else collate(rows, pad_id)
+    return ComparisonBatch(batch, [len(c.responses) for c in comparisons], margins, ref, [c.origin for c in comparisons])

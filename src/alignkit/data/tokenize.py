@@ -180,6 +180,8 @@ class Batch:
     ends: torch.Tensor | None = None
     """[N] flat index (row · T + column) of each example's last token, in the order the examples were given
     (`collate_packed`): where a per-sequence output (a reward) is read once packing has moved the examples."""
+    example_index: torch.Tensor | None = None
+    """[B, T] which example (in the order given to `collate_packed`) each position belongs to, −1 for padding"""
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -190,11 +192,20 @@ class Batch:
             move(self.attention_mask),
             self.n_tokens,
             move(self.ends),
+            move(self.example_index),
         )
 
     @property
     def n_targets(self) -> int:
         return int((self.labels != IGNORE).sum())
+
+    def example_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """Σ of `values` [B, T] over each example's positions: [B] for one example a row, else [N] in the
+        order the examples were given to `collate_packed`."""
+        if self.example_index is None:
+            return values.sum(-1)
+        mine = self.example_index >= 0
+        return values.new_zeros(len(self.ends)).index_add(0, self.example_index[mine], values[mine])
 
     def rows(self, start: int, stop: int) -> "Batch":
         """Rows start:stop of a right-padded batch, without the padding columns none of them needs."""
@@ -256,4 +267,8 @@ def collate_packed(examples: Sequence[Example], max_length: int, pad_id: int) ->
             end += len(example)
             slots.setdefault(id(example), []).append(end - 1)
     batch.ends = torch.tensor([slots[id(e)].pop() for e in examples], dtype=torch.long)
+    index = torch.full((len(rows) * width,), -1, dtype=torch.long)
+    for i, (end, example) in enumerate(zip(batch.ends.tolist(), examples)):
+        index[end - len(example) + 1 : end + 1] = i
+    batch.example_index = index.view(len(rows), width)
     return batch
