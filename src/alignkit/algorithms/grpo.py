@@ -49,7 +49,7 @@ class GRPOConfig(OnlineRLConfig):
     """K, completions sampled per prompt"""
     batch_size: int = 4
     """prompts per micro-batch (each with K completions)"""
-    update_batch_size: int = 8
+    update_batch_size: int = 4
     """completions per forward/backward pass of the update, rounded up to whole groups of K (0: the whole
     micro-batch at once); the gradient is the same, the activation memory of a pass shrinks with it"""
     advantage: Literal["grpo", "rloo", "dr_grpo"] = "grpo"
