@@ -93,7 +93,7 @@ def test_update_in_pieces_of_groups_gives_the_whole_rollouts_loss_and_steps(tmp_
     run_grpo(config(tmp_path, output=str(tmp_path / "pieces"), update_batch_size=4, **common))
     run_grpo(config(tmp_path, output=str(tmp_path / "whole"), update_batch_size=0, **common))
     losses = [m["loss"] for m in read_metrics(tmp_path / "pieces")]
-    assert losses == pytest.approx([m["loss"] for m in read_metrics(tmp_path / "whole")], rel=1e-4, abs=1e-6)
+    assert losses == pytest.approx([m["loss"] for m in read_metrics(tmp_path / "whole")], rel=1e-3, abs=1e-5)
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "rloo", "dr_grpo"])
