@@ -24,6 +24,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -60,6 +61,9 @@ class PPOConfig(OnlineRLConfig):
     """prompts sampled per rollout"""
     num_generations: int = 1
     """completions per prompt in a rollout"""
+    score_baseline: Literal["none", "group"] = "none"
+    """group: subtract from each score the mean score of its prompt's --num-generations completions, a
+    per-prompt baseline that keeps prompt difficulty out of the advantages while the value model learns"""
     batch_size: int = 4
     """completions per PPO minibatch"""
     ppo_epochs: int = 4
@@ -107,6 +111,8 @@ class PPOConfig(OnlineRLConfig):
                 f"--save-every must be a multiple of the {self.steps_per_rollout()} steps of one rollout",
                 fix="checkpoints between rollouts could not resume exactly; pick a multiple",
             )
+        if self.score_baseline == "group" and self.num_generations < 2:
+            raise AlignkitError("--score-baseline group compares completions of one prompt", fix="add --num-generations 4")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise AlignkitError("--ptx-coef needs --ptx-data")
 
@@ -246,7 +252,8 @@ class PPORollouts:
         self.model.train(was_training)
         mask = (on_device.labels != IGNORE).float()
         kl_tokens = kl_penalty(old_logps, ref, "k1") * mask
-        rewards = -self.kl.value * kl_tokens + sequence_rewards_to_tokens(scores.to(device), mask)
+        baseline = scores.view(-1, k).mean(-1).repeat_interleave(k) if config.score_baseline == "group" else 0.0
+        rewards = -self.kl.value * kl_tokens + sequence_rewards_to_tokens((scores - baseline).to(device), mask)
         advantages, returns = gae(rewards, values * mask, mask, config.gamma, config.lam)
         if config.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
