@@ -156,7 +156,7 @@ def markdown(table: dict, meta: dict) -> str:
         lines += ["", *extra]
     lines += ["", "ratio: median alignkit tok/s over median TRL tok/s; paired ratio: median of the per-repetition ratios (in brackets). "
               "tok/s: real (non-padding) tokens trained per second, counted identically on both sides (bench/README.md). "
-              "MFU: (6·N·trained tokens + 2·N·forward-only tokens) / time / matmul peak, N = model parameters."]
+              "MFU: (6·N·trained tokens, 4·N with LoRA, + 2·N·forward-only tokens) / time / matmul peak, N = model parameters."]
     return "\n".join(lines) + "\n"
 
 

@@ -451,7 +451,8 @@ def main() -> None:
         "generation_tokens": gen_tokens,
         "generation_s": sum(run["generation_s"][1:]),
         "forward_tokens": forward_tokens,
-        "flops": 6 * n_params * train_tokens + 2 * n_params * forward_tokens,
+        # A frozen weight gets no weight gradient: LoRA training costs 4·N a token (forward and input gradient).
+        "flops": (4 if w.lora_r else 6) * n_params * train_tokens + 2 * n_params * forward_tokens,
         "peak_rss_mb": peak_rss_mb(),
         "losses": run["losses"],
         "rewards": run["rewards"],
