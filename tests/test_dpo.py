@@ -57,15 +57,20 @@ def test_reference_cache_is_reused_and_refused_for_another_model(tmp_path, prefs
     assert "reference cache was made for another model" in result.stderr and str(cache) in result.stderr
 
 
-def test_lora_base_reference_equals_precomputed_reference(tiny_tokenizer, prefs):
+def comparisons_and_lora_policy(tokenizer, prefs):
+    """Six encoded pairs, and a LoRA policy whose adapter is non-trivial, so it differs from its base."""
     records, _ = load_records(str(prefs), "preference", limit=6)
-    comparisons, _ = encode_comparisons(tiny_tokenizer, records, 96)
+    comparisons, _ = encode_comparisons(tokenizer, records, 96)
     model = TokenLogprobModel(apply_lora(load_model(TINY_LLAMA), LoraSettings(r=4)))
-    # Make the adapter non-trivial, so the policy differs from its base.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
+    return comparisons, model
+
+
+def test_lora_base_reference_equals_precomputed_reference(tiny_tokenizer, prefs):
+    comparisons, model = comparisons_and_lora_policy(tiny_tokenizer, prefs)
     base = TokenLogprobModel(load_model(TINY_LLAMA))
     precomputed = sequence_logprobs(base, [r for c in comparisons for r in c.responses], tiny_tokenizer.pad_token_id)
     batch = collate_comparisons(comparisons, tiny_tokenizer.pad_token_id)
@@ -76,13 +81,7 @@ def test_lora_base_reference_equals_precomputed_reference(tiny_tokenizer, prefs)
 
 
 def test_padding_free_rows_give_the_padded_rows_log_probs_and_lengths(tiny_tokenizer, prefs):
-    records, _ = load_records(str(prefs), "preference", limit=6)
-    comparisons, _ = encode_comparisons(tiny_tokenizer, records, 96)
-    model = TokenLogprobModel(apply_lora(load_model(TINY_LLAMA), LoraSettings(r=4)))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
+    comparisons, model = comparisons_and_lora_policy(tiny_tokenizer, prefs)
     padded = collate_comparisons(comparisons, tiny_tokenizer.pad_token_id)
     packed = collate_comparisons(comparisons, tiny_tokenizer.pad_token_id, pack_to=256)
     assert packed.batch.input_ids.shape[0] < padded.batch.input_ids.shape[0] and packed.n_tokens == padded.n_tokens
