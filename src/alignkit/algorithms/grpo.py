@@ -92,7 +92,7 @@ class RolloutBatch:
     def groups(self, start: int, stop: int, k: int) -> "RolloutBatch":
         """The completions of prompts start:stop (K each)."""
         rows = slice(start * k, stop * k)
-        batch = self.batch.rows(rows.start, rows.stop)
+        batch = self.batch.select(rows)
         ref = None if self.ref_logps is None else self.ref_logps[rows, : batch.input_ids.shape[1]]
         return RolloutBatch(batch, self.advantages[rows], self.rewards[rows], ref, self.finished[rows])
 

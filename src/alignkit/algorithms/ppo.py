@@ -193,12 +193,6 @@ class PPOMinibatch:
         )  # fmt: skip
 
 
-def select_rows(batch: Batch, rows: torch.Tensor) -> Batch:
-    width = int(batch.attention_mask[rows].sum(-1).max())  # drop columns that are padding in every chosen row
-    mask = batch.attention_mask[rows][:, :width]
-    return Batch(batch.input_ids[rows][:, :width], batch.labels[rows][:, :width], batch.position_ids[rows][:, :width], mask, int(mask.sum()))
-
-
 class PPORollouts:
     """Micro-batches of PPO: a fresh rollout, then `ppo_epochs` shuffled passes over it, then the next."""
 
@@ -267,7 +261,7 @@ class PPORollouts:
             order = torch.randperm(self.rows, generator=generator)
             for start in range(0, self.rows, config.batch_size):
                 rows = order[start : start + config.batch_size]
-                sub = select_rows(batch, rows)
+                sub = batch.select(rows)
                 width = sub.input_ids.shape[1]
                 cut = lambda t: t[rows.to(t.device)][:, :width].cpu()  # noqa: E731
                 minibatches.append(PPOMinibatch(

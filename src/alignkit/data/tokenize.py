@@ -207,16 +207,16 @@ class Batch:
         mine = self.example_index >= 0
         return values.new_zeros(len(self.ends)).index_add(0, self.example_index[mine], values[mine])
 
-    def rows(self, start: int, stop: int) -> "Batch":
-        """Rows start:stop of a right-padded batch, without the padding columns none of them needs."""
+    def select(self, rows: slice | torch.Tensor) -> "Batch":
+        """Some rows of a right-padded batch (a slice or indices), without the padding columns none of them needs."""
         if self.attention_mask is None or self.ends is not None:
             raise ValueError("only a right-padded batch (not a packed one) can be cut into rows")
-        mask = self.attention_mask[start:stop]
+        mask = self.attention_mask[rows]
         width = int(mask.sum(-1).max())
         return Batch(
-            self.input_ids[start:stop, :width],
-            self.labels[start:stop, :width],
-            self.position_ids[start:stop, :width],
+            self.input_ids[rows][:, :width],
+            self.labels[rows][:, :width],
+            self.position_ids[rows][:, :width],
             mask[:, :width],
             int(mask.sum()),
         )
