@@ -90,6 +90,12 @@ def test_padding_free_rows_give_the_padded_rows_log_probs_and_lengths(tiny_token
         torch.testing.assert_close(getattr(b, field), getattr(a, field), atol=1e-4, rtol=1e-5)
 
 
+def test_padding_free_pairs_turn_themselves_off_where_attention_would_leak(tmp_path, prefs, monkeypatch, capsys):
+    monkeypatch.setattr(TokenLogprobModel, "keeps_packed_sequences_apart", lambda self: False)
+    run_dpo(config(tmp_path, prefs, max_steps=1))
+    assert "padding-free batches off" in capsys.readouterr().out
+
+
 def test_lora_base_reference_trains(tmp_path, prefs):
     summary = run_dpo(config(tmp_path, prefs, lora_r=8, reference="lora-base", lr=2e-2))
     assert summary["eval_after"]["accuracy"] >= 0.9

@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.algorithms.sft import SFTConfig, run_sft
-from alignkit.models import SMOLLM2, TINY_LLAMA
+from alignkit.logprobs import TokenLogprobModel, keeps_packed_sequences_apart
+from alignkit.models import SMOLLM2, TINY_LLAMA, load_model
 from conftest import SFT_DATA, read_metrics, write_jsonl
 
 
@@ -65,6 +66,17 @@ def test_padding_free_rows_train_exactly_like_padded_ones(tmp_path):
     free, padded = read_metrics(tmp_path / "free" / "out"), read_metrics(tmp_path / "padded" / "out")
     assert [m["loss"] for m in free] == pytest.approx([m["loss"] for m in padded], rel=1e-4)
     assert [m["tokens"] for m in free] == [m["tokens"] for m in padded]
+
+
+def test_padding_free_turns_itself_off_where_attention_would_leak_across_sequences(tmp_path, monkeypatch, capsys):
+    model = TokenLogprobModel(load_model(TINY_LLAMA))
+    decoder = model.model.get_decoder()
+    assert model.keeps_packed_sequences_apart()
+    # A backbone that ignores position ids builds a plain causal mask over the row: sequences would leak.
+    assert not keeps_packed_sequences_apart(model, lambda position_ids=None, **kwargs: decoder(**kwargs))
+    monkeypatch.setattr(TokenLogprobModel, "keeps_packed_sequences_apart", lambda self: False)
+    run_sft(tiny_config(tmp_path, max_steps=1, eval_fraction=0.0))
+    assert "padding-free batches off" in capsys.readouterr().out
 
 
 def test_mid_training_mixes_instructions_only_in_the_decay_phase(tmp_path):

@@ -9,6 +9,9 @@ time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -35,6 +38,31 @@ def target_logprobs(
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
+@torch.no_grad()
+def keeps_packed_sequences_apart(owner: torch.nn.Module, body: Callable[..., Any]) -> bool:
+    """One tiny forward of the decoder `body` of `owner` (evaluated without dropout, its mode restored): is the
+    last hidden state of a sequence packed after another (position ids restarting at 0, no attention mask)
+    the same as alone?
+
+    `transformers` turns restarting position ids into a block-diagonal mask in its own attention
+    implementations (eager, sdpa, flex; flash attention goes varlen), but a model that builds its own mask
+    (remote code, an older version) would let each sequence attend to the ones before it in the row,
+    silently. Leaking changes the state by O(1); the 5% tolerance only absorbs bf16 rounding.
+    """
+    was_training = owner.training
+    owner.eval()
+    device = next(owner.parameters()).device
+    first, second = [3, 5, 7, 9], [4, 6, 8]
+    packed = body(
+        input_ids=torch.tensor([first + second], device=device),
+        position_ids=torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device),
+        use_cache=False,
+    ).last_hidden_state[0, -1].float()
+    alone = body(input_ids=torch.tensor([second], device=device), use_cache=False).last_hidden_state[0, -1].float()
+    owner.train(was_training)
+    return bool((packed - alone).norm() <= 0.05 * alone.norm())
+
+
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The `transformers` model under a `peft` wrapper (LoRA layers stay injected inside it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -54,6 +82,10 @@ class TokenLogprobModel(torch.nn.Module):
         config = base_model(model).config
         # Heads that rescale or soft-cap logits are not a plain linear layer; use the model's own forward.
         self.plain_head = not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
+
+    def keeps_packed_sequences_apart(self) -> bool:
+        """Whether rows of several sequences (packed, padding-free) give each the log-probs it has alone."""
+        return keeps_packed_sequences_apart(self, base_model(self.model).get_decoder())
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.logprobs_and_hidden(input_ids, labels, position_ids, attention_mask)[0]

@@ -218,7 +218,9 @@ def run_dpo(config: DPOConfig) -> dict:
         if eval_comparisons:
             attach_reference(policy, config, eval_comparisons, pad_id, cache.with_name(cache.stem + ".eval.pt"))
 
-    pack_to = config.max_length if config.padding_free else 0
+    pack_to = config.max_length if config.padding_free and policy.keeps_packed_sequences_apart() else 0
+    if config.padding_free and not pack_to:
+        log("padding-free batches off: this model's attention lets sequences laid end to end see each other")
     extra: dict = {"train_pairs": len(comparisons), "truncation": cut.summary(), **describe(policy)}
     if eval_comparisons and not (output / "summary.json").exists():
         extra["eval_before"] = evaluate_pairs(policy, config, eval_comparisons, pad_id)

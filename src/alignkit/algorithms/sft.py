@@ -117,12 +117,18 @@ def run_sft(config: SFTConfig) -> dict:
     log("train: " + cut.summary())
     eval_examples, _ = truncate(encode_conversations(tokenizer, eval_records, last_only=last_only), config.max_length)
 
+    policy = config.build_policy()
+    log(f"model {config.model}: {describe(policy)}")
+    padding_free = config.padding_free and policy.keeps_packed_sequences_apart()
+    if config.padding_free and not padding_free:
+        log("padding-free batches off: this model's attention lets sequences laid end to end see each other")
+
     def batches_of(items: list[Example]) -> Shuffled:
         rows = pack(items, config.max_length) if config.packing else [[e] for e in items]
         return Shuffled(rows, config.batch_size, collate_rows, config.seed)
 
     def collate_rows(chunk: list[list[Example]]) -> Batch:
-        if config.padding_free:
+        if padding_free:
             return collate_packed([e for row in chunk for e in row], config.max_length, tokenizer.pad_token_id)
         return collate(chunk, tokenizer.pad_token_id)
 
@@ -135,9 +141,6 @@ def run_sft(config: SFTConfig) -> dict:
         steps = total_steps(config, stream, accelerator.num_processes)
         decay_from = (steps - round(config.decay_ratio * steps)) * per_step
         stream = PhaseMix(text_stream, stream, lambda g: config.mix_ratio if g >= decay_from else 0.0, config.seed)
-
-    policy = config.build_policy()
-    log(f"model {config.model}: {describe(policy)}")
 
     def evaluate(current: TokenLogprobModel) -> float:
         return mean_nll(current, eval_examples, tokenizer.pad_token_id, config.batch_size)

@@ -40,6 +40,7 @@ from alignkit.data.records import Prompt
 from alignkit.data.tokenize import IGNORE, Example, collate, collate_packed, encode_prompt_completion
 from alignkit.errors import AlignkitError
 from alignkit.io import write_json
+from alignkit.logprobs import keeps_packed_sequences_apart
 from alignkit.models import LoraSettings, apply_lora, load_model, load_tokenizer, resolve, save_model
 from alignkit.rewards.verifiers import Scorer  # the one scorer interface: score(prompts, completions[, references]) -> [N]
 
@@ -171,30 +172,8 @@ class RewardModel(nn.Module):
         if not (self.packing and self.backbone == "causal" and self.pooling == "last"):
             return False
         if self._isolates is None:
-            self._isolates = self._keeps_packed_sequences_apart()
+            self._isolates = keeps_packed_sequences_apart(self, self.body())
         return self._isolates
-
-    @torch.no_grad()
-    def _keeps_packed_sequences_apart(self) -> bool:
-        """One tiny forward: is the last hidden state of a sequence packed after another the same as alone?
-
-        `transformers` turns restarting position ids into a block-diagonal mask in its own attention
-        implementations (eager, sdpa, flex; flash attention goes varlen), but a model that builds its own
-        mask (remote code, an older version) would let each sequence attend to the ones before it in the
-        row, silently. Leaking changes the state by O(1); the 5% tolerance only absorbs bf16 rounding.
-        """
-        was_training = self.training
-        self.eval()  # no dropout in the comparison
-        device = self.head.weight.device
-        first, second = [3, 5, 7, 9], [4, 6, 8]
-        packed = self.body()(
-            input_ids=torch.tensor([first + second], device=device),
-            position_ids=torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device),
-            use_cache=False,
-        ).last_hidden_state[0, -1].float()
-        alone = self.body()(input_ids=torch.tensor([second], device=device), use_cache=False).last_hidden_state[0, -1].float()
-        self.train(was_training)
-        return bool((packed - alone).norm() <= 0.05 * alone.norm())
 
     # --- tokenisation and scoring -----------------------------------------------------------------------
 
