@@ -1,5 +1,6 @@
 """The shared training loop: schedules, deterministic data streams, packing isolation, chunked log-probs,
-exact resume after kill -9, and 2-process DDP equal to 1 process with twice the accumulation."""
+rows continuing a shared prefix, exact resume after kill -9, and 2-process DDP equal to 1 process with
+twice the accumulation."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 import pytest
 import torch
 
-from alignkit.data.tokenize import IGNORE, Example, collate
+from alignkit.data.tokenize import IGNORE, Example, collate, collate_with_prefixes
 from alignkit.engine import PhaseMix, Shuffled, lr_multiplier
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs, target_logprobs
 from alignkit.models import TINY_LLAMA, load_model
@@ -94,6 +95,57 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_tokenizer):
     batch = collate([examples], tiny_tokenizer.pad_token_id)
     leaky = model(batch.input_ids, batch.labels, torch.arange(batch.input_ids.shape[1])[None], None)[0]
     assert not torch.allclose(leaky[n0 : n0 + len(examples[1])], separate[1, : len(examples[1])], atol=1e-4)
+
+
+def test_rows_continuing_shared_prefixes_are_laid_out_by_hand():
+    batch = collate_with_prefixes([[5, 6, 7], [9, 4]], [[8, 2], [8, 9, 10], [3], [4, 5]], pad_id=0)
+    assert batch.prefix is not None
+    assert batch.prefix.input_ids.tolist() == [[5, 6], [9, 0]] and batch.prefix.attention_mask.tolist() == [[1, 1], [1, 0]]
+    # A row is the prefix's last token then the continuation but its last token: position t predicts token t.
+    assert batch.input_ids.tolist() == [[7, 8, 0], [7, 8, 9], [4, 0, 0], [4, 4, 0]]
+    assert batch.labels.tolist() == [[8, 2, IGNORE], [8, 9, 10], [3, IGNORE, IGNORE], [4, 5, IGNORE]]
+    assert [row[:n] for row, n in zip(batch.position_ids.tolist(), [2, 3, 1, 2])] == [[2, 3], [2, 3, 4], [1], [1, 2]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0]]
+    assert batch.n_tokens == (3 + 2) + (3 + 3) + (2 + 1) + (2 + 2)  # every row's whole sequence, as for full rows
+    with pytest.raises(ValueError, match="evenly"):
+        collate_with_prefixes([[5, 6], [7]], [[1], [2], [3]], pad_id=0)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_rows_continuing_shared_prefixes_score_as_their_full_sequences(lora, monkeypatch):
+    """Log-probs and gradients through the repeated KV cache equal those of the full rows, and the start-up
+    check that decides it can fail: a decoder that is not handed the cache leaves it empty."""
+    model = load_model(TINY_LLAMA)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        torch.manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)  # non-zero, so the adapter changes what the prefix's cache holds
+    policy = TokenLogprobModel(model)
+    prefixes, continuations = [[5, 6, 7, 9, 11], [12, 4]], [[8, 2], [8, 9, 10], [3], [4, 5, 6, 7]]
+    shared = collate_with_prefixes(prefixes, continuations, pad_id=0)
+    rows = [[Example(prefixes[i // 2] + c, [IGNORE] * (len(prefixes[i // 2]) - 1) + c + [IGNORE])] for i, c in enumerate(continuations)]
+    full = collate(rows, pad_id=0)
+    mine, theirs = batch_logprobs(policy, shared), batch_logprobs(policy, full)
+    torch.testing.assert_close(mine.sum(-1), theirs.sum(-1))
+    assert sorted(mine[mine != 0].tolist()) == pytest.approx(sorted(theirs[theirs != 0].tolist()), abs=1e-5)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(mine.sum(), params), torch.autograd.grad(theirs.sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert shared.n_tokens == full.n_tokens
+
+    assert policy.shares_prefixes() and policy.training
+    monkeypatch.setattr("alignkit.logprobs.with_cache", lambda module, cache: {})
+    assert not policy.shares_prefixes() and policy.training
+
+
+def test_gradient_checkpointing_scores_full_rows():
+    model = load_model(TINY_LLAMA)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not TokenLogprobModel(model).shares_prefixes()
 
 
 SFT_ARGS = ["--model", TINY_LLAMA, "--data", str(SFT_DATA), "--batch-size", "4", "--max-length", "128", "--lr", "3e-3", "--no-progress"]

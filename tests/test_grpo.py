@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from alignkit.algorithms.grpo import GRPOConfig, GRPOLoss, RolloutBatch, advantages_for, run_grpo
+from alignkit.algorithms.grpo import GRPOConfig, GRPOLoss, RolloutBatch, advantages_for, rollout_batch, run_grpo
 from alignkit.data.records import user_prompt
-from alignkit.data.tokenize import IGNORE, collate
+from alignkit.data.tokenize import IGNORE
 from alignkit.errors import AlignkitError
 from alignkit.generation import Completion, Sample, rollout_rows
-from alignkit.logprobs import TokenLogprobModel
+from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.models import TINY_LLAMA, load_model
 from conftest import SHARED_DATA, read_metrics, run_cli
 
@@ -47,45 +47,53 @@ def test_group_advantages_by_kind():
     torch.testing.assert_close(advantages_for(rewards, "grpo"), torch.tensor([[0.5, -0.5, -0.5, 0.5]]) / (std + 1e-4))
 
 
+@pytest.mark.parametrize("share_prefixes", [True, False])
 @pytest.mark.parametrize("normalisation", ["sequence", "token"])
-def test_loss_value_and_gradient_by_hand(tiny_tokenizer, normalisation):
+def test_loss_value_and_gradient_by_hand(tiny_tokenizer, normalisation, share_prefixes):
     """With π_old = π and the reference equal to the policy: loss = −Σ A_i (per sequence) or −Σ A_i |o_i| (per token),
     and the gradient is that of −Σ_i (A_i / |o_i|) Σ_t log π (or −Σ_i A_i Σ_t log π)."""
     model = TokenLogprobModel(load_model(TINY_LLAMA))
     sample = Sample(user_prompt("q"), [5, 6, 7], [Completion("", [8, 9], True, 2), Completion("", [8, 9, 10, 11], False)])
-    batch = collate(rollout_rows([sample]), tiny_tokenizer.pad_token_id)
+    pad = tiny_tokenizer.pad_token_id
+    batch = rollout_batch([sample], pad, share_prefixes=share_prefixes)
     advantages = torch.tensor([1.5, -0.5])
     with torch.no_grad():
-        ref = model(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask)
-    rollout = RolloutBatch(batch, advantages, torch.tensor([1.0, 0.0]), ref, torch.tensor([True, False]))
+        ref = batch_logprobs(model, batch)
+    rollout = RolloutBatch(batch, advantages, torch.tensor([1.0, 0.0]), ref, torch.tensor([True, False]), [sample], pad, share_prefixes)
     cfg = GRPOConfig(prompts="x", output="x", num_generations=2, loss_normalisation=normalisation, beta=0.1)
     loss, metrics = GRPOLoss(cfg)(model, rollout)
     lengths = torch.tensor([3.0, 4.0])
     weights = advantages / lengths if normalisation == "sequence" else advantages
     assert loss.item() == pytest.approx(-(weights * lengths).sum().item(), abs=1e-5)
     grads = torch.autograd.grad(loss, [p for p in model.parameters()], allow_unused=True)
-    logps = model(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask)
+    # The expected gradient always comes from the full rows, each holding its prompt.
+    full = rollout_batch([sample], pad, share_prefixes=False)
+    logps = batch_logprobs(model, full)
     expected = torch.autograd.grad(-(weights * logps.sum(-1)).sum(), [p for p in model.parameters()], allow_unused=True)
     for g, e in zip(grads, expected):
         if g is not None:
             torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
     assert metrics["kl"][0].item() == pytest.approx(0.0, abs=1e-6)
     assert GRPOLoss(cfg).units(rollout) == (7 if normalisation == "token" else 2)
+    assert batch.n_tokens == full.n_tokens == 2 * 3 + 3 + 4
 
 
-def test_update_in_pieces_of_groups_gives_the_whole_rollouts_loss_and_steps(tmp_path, tiny_tokenizer, e_reward):
+@pytest.mark.parametrize("share_prefixes, widths", [(False, [4, 8]), (True, [2, 5])])
+def test_update_in_pieces_of_groups_gives_the_whole_rollouts_loss_and_steps(tmp_path, tiny_tokenizer, e_reward, share_prefixes, widths):
     model = TokenLogprobModel(load_model(TINY_LLAMA))
     short = Sample(user_prompt("q"), [5, 6], [Completion("", [8], True, 2), Completion("", [8, 9], False)])
     long = Sample(user_prompt("r"), [5, 6, 7], [Completion("", [8, 9, 10, 11], True, 2), Completion("", [9], False)])
-    batch = collate(rollout_rows([short, long]), tiny_tokenizer.pad_token_id)
+    pad = tiny_tokenizer.pad_token_id
+    batch = rollout_batch([short, long], pad, share_prefixes=share_prefixes)
     with torch.no_grad():
-        ref = model(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask) - 0.1
-    rollout = RolloutBatch(batch, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.tensor([1.0, 0.0, 1.0, 0.0]), ref, torch.ones(4, dtype=torch.bool))
+        ref = batch_logprobs(model, batch) - 0.1
+    rollout = RolloutBatch(batch, torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.tensor([1.0, 0.0, 1.0, 0.0]), ref,
+                           torch.ones(4, dtype=torch.bool), [short, long], pad, share_prefixes)  # fmt: skip
     cfg = GRPOConfig(prompts="x", output="x", num_generations=2, beta=0.1, update_batch_size=1)
     loss = GRPOLoss(cfg)
     pieces = loss.pieces(rollout)
     # Each piece is one group, cut to its own longest row: the short group drops the long one's padding.
-    assert [p.batch.input_ids.shape for p in pieces] == [(2, 4), (2, 8)]
+    assert [tuple(p.batch.input_ids.shape) for p in pieces] == [(2, w) for w in widths]
     assert sum(p.n_tokens for p in pieces) == batch.n_tokens
     assert sum(loss(model, p)[0] for p in pieces).item() == pytest.approx(loss(model, rollout)[0].item(), abs=1e-6)
 
@@ -94,6 +102,19 @@ def test_update_in_pieces_of_groups_gives_the_whole_rollouts_loss_and_steps(tmp_
     run_grpo(config(tmp_path, output=str(tmp_path / "whole"), update_batch_size=0, **common))
     losses = [m["loss"] for m in read_metrics(tmp_path / "pieces")]
     assert losses == pytest.approx([m["loss"] for m in read_metrics(tmp_path / "whole")], rel=1e-3, abs=1e-5)
+
+
+def test_shared_prompts_train_as_full_rows_do(tmp_path, e_reward, monkeypatch):
+    """The same run, with each prompt computed once for its K completions or once per completion: the same
+    samples, losses, KL and rewards step after step (the LoRA base as reference runs through both layouts)."""
+    common = dict(reward=e_reward, beta=0.1, lr=5e-2, max_steps=3, lora_r=4)
+    run_grpo(config(tmp_path, output=str(tmp_path / "shared"), **common))
+    monkeypatch.setattr(TokenLogprobModel, "shares_prefixes", lambda self: False)
+    run_grpo(config(tmp_path, output=str(tmp_path / "full"), **common))
+    shared, full = read_metrics(tmp_path / "shared"), read_metrics(tmp_path / "full")
+    for name in ("loss", "kl", "reward", "completion_length", "tokens"):
+        assert [m[name] for m in shared] == pytest.approx([m[name] for m in full], rel=1e-3, abs=1e-5), name
+    assert shared[-1]["kl"] > 0
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "rloo", "dr_grpo"])

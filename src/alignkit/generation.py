@@ -20,7 +20,7 @@ from alignkit.data.records import Prompt, PromptWithAnswer
 from alignkit.data.tokenize import IGNORE, Example, prompt_ids
 from alignkit.errors import AlignkitError
 from alignkit.io import write_jsonl
-from alignkit.models import load_model, load_tokenizer
+from alignkit.models import load_model, load_tokenizer, with_cache
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class TransformersGenerator:
         if width > 1:
             # Prefix sharing: the prompt (all but its last token) runs once, then its cache is copied K times.
             self.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
-                       past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+                       **with_cache(self.model, cache), use_cache=True, logits_to_keep=1)  # fmt: skip
             cache.batch_repeat_interleave(params.n)
         rows = self._decode(
             input_ids[:, -1].repeat_interleave(params.n), attention.repeat_interleave(params.n, dim=0),
@@ -132,7 +132,7 @@ class TransformersGenerator:
         stop_ids = torch.tensor(self.stop_ids, device=last.device)
         for _ in range(params.max_new_tokens):
             logits = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions[:, None],
-                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
+                                **with_cache(self.model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
             chosen = next_tokens(logits, params.temperature, params.top_p)
             ended = torch.isin(chosen, stop_ids)
             for row, token, stopped in zip(rows.tolist(), chosen.tolist(), ended.tolist()):

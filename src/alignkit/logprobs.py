@@ -15,8 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
-from alignkit.data.tokenize import IGNORE, Batch
+from alignkit.data.tokenize import IGNORE, Batch, Example, collate, collate_with_prefixes
+from alignkit.models import with_cache
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
@@ -63,6 +65,10 @@ def keeps_packed_sequences_apart(owner: torch.nn.Module, body: Callable[..., Any
     return bool((packed - alone).norm() <= 0.05 * alone.norm())
 
 
+class UnfilledCache(RuntimeError):
+    """The decoder left the KV cache it was handed empty: rows cannot continue a prefix from it."""
+
+
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The `transformers` model under a `peft` wrapper (LoRA layers stay injected inside it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -87,25 +93,96 @@ class TokenLogprobModel(torch.nn.Module):
         """Whether rows of several sequences (packed, padding-free) give each the log-probs it has alone."""
         return keeps_packed_sequences_apart(self, base_model(self.model).get_decoder())
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.logprobs_and_hidden(input_ids, labels, position_ids, attention_mask)[0]
+    @torch.no_grad()
+    def shares_prefixes(self) -> bool:
+        """Whether rows that continue a shared prefix from its KV cache (`collate_with_prefixes`) get the
+        log-probs of their whole sequences.
+
+        Not under gradient checkpointing, which drops the cache in training. Otherwise checked on a tiny
+        example, as for packing: the last hidden state of each row must be that of its full sequence, or a
+        model whose attention ignored the cache or the mask would score the continuations without their prompt.
+        """
+        if any(getattr(m, "gradient_checkpointing", False) for m in base_model(self.model).modules()):
+            return False
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        prefixes, continuations = [[3, 5, 7, 9], [4, 6]], [[8, 10], [6], [5, 7, 9], [11, 3]]
+        owner = [prefixes[i // 2] for i in range(len(continuations))]
+        shared = collate_with_prefixes(prefixes, continuations, pad_id=0).to(device)
+        assert shared.prefix is not None
+        full = collate([[Example(p + c, [IGNORE] * len(p + c))] for p, c in zip(owner, continuations)], pad_id=0).to(device)
+        try:
+            _, shared_hidden = self.logprobs_and_hidden(
+                shared.input_ids, shared.labels, shared.position_ids, shared.attention_mask,
+                shared.prefix.input_ids, shared.prefix.position_ids, shared.prefix.attention_mask,
+            )  # fmt: skip
+            _, full_hidden = self.logprobs_and_hidden(full.input_ids, full.labels, full.position_ids, full.attention_mask)
+        except UnfilledCache:
+            return False
+        finally:
+            self.train(was_training)
+        for i, (p, c) in enumerate(zip(owner, continuations)):
+            mine, alone = shared_hidden[i, len(c) - 1].float(), full_hidden[i, len(p) + len(c) - 2].float()
+            if (mine - alone).norm() > 0.05 * alone.norm():  # the tolerance only absorbs bf16 rounding
+                return False
+        return True
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prefix_ids: torch.Tensor | None = None,
+        prefix_position_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.logprobs_and_hidden(input_ids, labels, position_ids, attention_mask, prefix_ids, prefix_position_ids, prefix_mask)[0]
+
+    def prefix_cache(self, prefix_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> DynamicCache | None:
+        """The KV cache of prefixes [G, P], each repeated for its rows / G rows (gradients flow back through it)."""
+        if prefix_ids.shape[1] == 0:
+            return None
+        decoder = base_model(self.model).get_decoder()
+        cache = DynamicCache(config=base_model(self.model).config)
+        decoder(input_ids=prefix_ids, attention_mask=attention_mask, position_ids=position_ids, **with_cache(decoder, cache), use_cache=True)
+        if cache.get_seq_length() != prefix_ids.shape[1]:
+            raise UnfilledCache("the model did not fill the prefix's KV cache (gradient checkpointing?): score full rows instead")
+        cache.batch_repeat_interleave(rows // prefix_ids.shape[0])
+        return cache
 
     def logprobs_and_hidden(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prefix_ids: torch.Tensor | None = None,
+        prefix_position_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target log-probs [B, T] and the final hidden states [B, T, H] (for a value head on the policy)."""
+        """Target log-probs [B, T] and the final hidden states [B, T, H] (for a value head on the policy).
+
+        With `prefix_ids` [G, P] (and its positions and mask), the rows continue those prefixes, B / G rows
+        each, and `attention_mask` spans prefix and row, [B, P + T] (`collate_with_prefixes`).
+        """
         base = base_model(self.model)
         mask = labels != IGNORE
         targets = labels[mask]
         out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        cache = None
+        if prefix_ids is not None:
+            assert prefix_position_ids is not None and prefix_mask is not None
+            cache = self.prefix_cache(prefix_ids, prefix_position_ids, prefix_mask, input_ids.shape[0])
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=cache is not None)
         if self.plain_head:
-            hidden = base.get_decoder()(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
+            decoder = base.get_decoder()
+            hidden = decoder(**inputs, **with_cache(decoder, cache)).last_hidden_state
             head = base.get_output_embeddings()
             logps = target_logprobs(hidden[mask], head.weight, head.bias, targets, self.chunk_size)
         else:
-            outputs = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, output_hidden_states=True)
+            outputs = base(**inputs, **with_cache(base, cache), output_hidden_states=True)
             hidden = outputs.hidden_states[-1]
             logps = outputs.logits[mask].float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
         out[mask] = logps
@@ -114,4 +191,8 @@ class TokenLogprobModel(torch.nn.Module):
 
 def batch_logprobs(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Call a (possibly DDP-wrapped) `TokenLogprobModel` on a batch: [B, T] target log-probs."""
-    return model(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask)
+    prefix = batch.prefix
+    if prefix is None:
+        return model(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask)
+    return model(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask,
+                 prefix.input_ids, prefix.position_ids, prefix.attention_mask)  # fmt: skip

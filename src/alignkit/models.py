@@ -10,8 +10,10 @@ A model is named by a local directory, a Hugging Face hub id, or a built-in alia
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -242,3 +244,15 @@ def describe(model: torch.nn.Module) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"parameters": total, "trainable_parameters": trainable}
+
+
+@functools.cache
+def _cache_parameter(forward: object) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"  # type: ignore[arg-type]
+
+
+def with_cache(model: torch.nn.Module, cache: object) -> dict[str, object]:
+    """The keyword that hands a KV cache to `model`'s forward: `cache` in transformers ≥ 5.24, where
+    `past_key_values` is deprecated, `past_key_values` before."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+    return {_cache_parameter(type(inner).forward): cache}

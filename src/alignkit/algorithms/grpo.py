@@ -27,11 +27,11 @@ import torch
 
 from alignkit.algorithms.online import OnlineRLConfig, start_online_run
 from alignkit.data.records import PromptWithAnswer
-from alignkit.data.tokenize import IGNORE, Batch, collate
+from alignkit.data.tokenize import IGNORE, Batch, collate, collate_with_prefixes
 from alignkit.engine import Shuffled, train
 from alignkit.errors import AlignkitError
 from alignkit.evaluation.tracking import held_out_tracker
-from alignkit.generation import SamplingParams, TransformersGenerator, rollout_rows
+from alignkit.generation import Sample, SamplingParams, TransformersGenerator, rollout_rows
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses.policy import KLEstimator, clipped_surrogate, group_advantages, kl_penalty, rloo_advantages
 from alignkit.models import describe, save_model
@@ -67,9 +67,22 @@ class GRPOConfig(OnlineRLConfig):
             raise AlignkitError("--num-generations must be at least 2: advantages compare samples of one prompt")
 
 
+def rollout_batch(samples: list[Sample], pad_id: int, *, share_prefixes: bool) -> Batch:
+    """One row per completion, scored on the completion (and its stop token).
+
+    With `share_prefixes` each prompt is computed once for its K completions (`collate_with_prefixes`); else
+    every row holds its prompt again (`rollout_rows`). One row per completion either way, with its targets
+    from column 0 on in the first layout, so the loss reads both alike.
+    """
+    if not share_prefixes:
+        return collate(rollout_rows(samples), pad_id)
+    continuations = [c.trained_ids for s in samples for c in s.completions]
+    return collate_with_prefixes([s.prompt_token_ids for s in samples], continuations, pad_id)
+
+
 @dataclass
 class RolloutBatch:
-    """Prompt+completion rows of one rollout (R = prompts × K), labels on the completion tokens."""
+    """The completions of one rollout (R = prompts × K) as rows of `batch`, labels on the completion tokens."""
 
     batch: Batch
     advantages: torch.Tensor
@@ -77,9 +90,13 @@ class RolloutBatch:
     rewards: torch.Tensor
     """[R]"""
     ref_logps: torch.Tensor | None
-    """[R, T] reference log-probs of the completion tokens (None when beta = 0)"""
+    """[R, T] reference log-probs of the completion tokens, laid out as `batch` (None when beta = 0)"""
     finished: torch.Tensor
     """[R] whether each completion ended by itself"""
+    samples: list[Sample]
+    """the prompts and completions `batch` was collated from, to collate a part of them again"""
+    pad_id: int
+    share_prefixes: bool
 
     @property
     def n_tokens(self) -> int:
@@ -90,15 +107,17 @@ class RolloutBatch:
         return int(self.rewards.numel())
 
     def groups(self, start: int, stop: int, k: int) -> "RolloutBatch":
-        """The completions of prompts start:stop (K each)."""
+        """The completions of prompts start:stop (K each), collated on their own (no wider than they need)."""
         rows = slice(start * k, stop * k)
-        batch = self.batch.select(rows)
+        samples = self.samples[start:stop]
+        batch = rollout_batch(samples, self.pad_id, share_prefixes=self.share_prefixes)
         ref = None if self.ref_logps is None else self.ref_logps[rows, : batch.input_ids.shape[1]]
-        return RolloutBatch(batch, self.advantages[rows], self.rewards[rows], ref, self.finished[rows])
+        return RolloutBatch(batch, self.advantages[rows], self.rewards[rows], ref, self.finished[rows], samples, self.pad_id, self.share_prefixes)
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         ref = None if self.ref_logps is None else self.ref_logps.to(device)
-        return RolloutBatch(self.batch.to(device), self.advantages.to(device), self.rewards.to(device), ref, self.finished.to(device))
+        return RolloutBatch(self.batch.to(device), self.advantages.to(device), self.rewards.to(device), ref,
+                            self.finished.to(device), self.samples, self.pad_id, self.share_prefixes)  # fmt: skip
 
 
 def advantages_for(rewards: torch.Tensor, kind: str) -> torch.Tensor:
@@ -116,9 +135,10 @@ class GroupRollouts:
     """
 
     def __init__(self, config: GRPOConfig, policy: TokenLogprobModel, reference: TokenLogprobModel | None,
-                 generator: TransformersGenerator, scorer: Scorer, prompts: list[PromptWithAnswer], pad_id: int):  # fmt: skip
+                 generator: TransformersGenerator, scorer: Scorer, prompts: list[PromptWithAnswer], pad_id: int,
+                 share_prefixes: bool):  # fmt: skip
         self.config, self.policy, self.reference, self.generator, self.scorer = config, policy, reference, generator, scorer
-        self.pad_id = pad_id
+        self.pad_id, self.share_prefixes = pad_id, share_prefixes
         self.prompts = Shuffled(prompts, config.batch_size, list, config.seed)
 
     def per_epoch(self) -> int:
@@ -139,7 +159,7 @@ class GroupRollouts:
         completions = [c.text for s in samples for c in s.completions]
         references = [r.answer for r in records for _ in range(k)]
         rewards = self.scorer.score(prompts, completions, references).float()
-        batch = collate(rollout_rows(samples), self.pad_id)
+        batch = rollout_batch(samples, self.pad_id, share_prefixes=self.share_prefixes)
         ref = None
         if self.reference is not None:
             with torch.no_grad():
@@ -150,6 +170,9 @@ class GroupRollouts:
             rewards,
             ref,
             torch.tensor([c.finished for s in samples for c in s.completions]),
+            samples,
+            self.pad_id,
+            self.share_prefixes,
         )
 
 
@@ -217,7 +240,11 @@ def run_grpo(config: GRPOConfig) -> dict:
             extra.update(tracker.after())
 
     rollout_reference = reference if config.beta > 0 else None
-    stream = GroupRollouts(config, policy, rollout_reference, generator, run.scorer, run.prompts, pad_id)
+    # The K completions of a prompt share its forward pass in the update and the reference pass, as in sampling.
+    share_prefixes = policy.shares_prefixes()
+    if not share_prefixes:
+        log("each completion's update recomputes its prompt (gradient checkpointing, or a model whose attention does not take a shared prompt's cache)")
+    stream = GroupRollouts(config, policy, rollout_reference, generator, run.scorer, run.prompts, pad_id, share_prefixes)
     result = train(
         algorithm=f"grpo-{config.advantage}",
         config=config,

@@ -182,6 +182,9 @@ class Batch:
     (`collate_packed`): where a per-sequence output (a reward) is read once packing has moved the examples."""
     example_index: torch.Tensor | None = None
     """[B, T] which example (in the order given to `collate_packed`) each position belongs to, −1 for padding"""
+    prefix: "Batch | None" = None
+    """[G, P] tokens shared by groups of B / G consecutive rows (`collate_with_prefixes`): each runs once and
+    its KV cache is repeated for the rows that continue it; `attention_mask` then spans prefix and row, [B, P + T]"""
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -193,6 +196,7 @@ class Batch:
             self.n_tokens,
             move(self.ends),
             move(self.example_index),
+            move(self.prefix),
         )
 
     @property
@@ -209,7 +213,7 @@ class Batch:
 
     def select(self, rows: slice | torch.Tensor) -> "Batch":
         """Some rows of a right-padded batch (a slice or indices), without the padding columns none of them needs."""
-        if self.attention_mask is None or self.ends is not None:
+        if self.attention_mask is None or self.ends is not None or self.prefix is not None:
             raise ValueError("only a right-padded batch (not a packed one) can be cut into rows")
         mask = self.attention_mask[rows]
         width = int(mask.sum(-1).max())
@@ -239,13 +243,46 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> Batch:
         # Padding gets its own restarting positions, so in a packed row it forms a separate block.
         positions.append(pos + list(range(pad)))
         masks.append([1] * len(ids) + [0] * pad)
+    as_tensor = lambda rows: torch.tensor(rows, dtype=torch.long)  # noqa: E731  (long even when rows are empty)
     return Batch(
-        torch.tensor(input_ids),
-        torch.tensor(labels),
-        torch.tensor(positions),
-        None if packed else torch.tensor(masks),
+        as_tensor(input_ids),
+        as_tensor(labels),
+        as_tensor(positions),
+        None if packed else as_tensor(masks),
         real_tokens,
     )
+
+
+def collate_with_prefixes(prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad_id: int) -> Batch:
+    """Sequences `prefix + continuation` scored on their continuations, each prefix computed once.
+
+    The i-th prefix is shared by the i-th group of len(continuations) / len(prefixes) consecutive
+    continuations (the K samples of a prompt). All but a prefix's last token go in `Batch.prefix`; a row is
+    that last token followed by its continuation without the continuation's own last token, so position t of
+    a row predicts continuation token t, and a row has exactly as many positions as targets. The model runs
+    the prefixes once and their KV cache serves all K rows, instead of computing each prompt K times.
+    `n_tokens` still counts every row's whole sequence, prefix included: the same unit of throughput as
+    `collate` of the full rows, whose log-probs these are.
+    """
+    if not prefixes or len(continuations) % len(prefixes):
+        raise ValueError(f"{len(continuations)} continuations cannot be split evenly among {len(prefixes)} prefixes")
+    k = len(continuations) // len(prefixes)
+    if any(not p for p in prefixes):
+        raise ValueError("a shared prefix needs at least one token")
+    shared = collate([[Example(list(p[:-1]), [IGNORE] * (len(p) - 1))] for p in prefixes], pad_id)
+    rows, offsets = [], []
+    for i, continuation in enumerate(continuations):
+        prefix = prefixes[i // k]
+        ids = ([prefix[-1]] + list(continuation))[: max(len(continuation), 1)]
+        rows.append([Example(ids, list(continuation) + [IGNORE] * (len(ids) - len(continuation)))])
+        offsets.append(len(prefix) - 1)
+    batch = collate(rows, pad_id)
+    batch.position_ids = batch.position_ids + torch.tensor(offsets)[:, None]
+    assert shared.attention_mask is not None and batch.attention_mask is not None
+    batch.attention_mask = torch.cat([shared.attention_mask.repeat_interleave(k, dim=0), batch.attention_mask], dim=-1)
+    batch.n_tokens = sum(len(prefixes[i // k]) + len(c) for i, c in enumerate(continuations))
+    batch.prefix = shared
+    return batch
 
 
 def collate_packed(examples: Sequence[Example], max_length: int, pad_id: int) -> Batch:
