@@ -13,7 +13,7 @@ from alignkit.data.loading import load_records
 from alignkit.logprobs import TokenLogprobModel
 from alignkit.models import SMOLLM2, TINY_LLAMA, LoraSettings, apply_lora, load_model
 from alignkit.reference import sequence_logprobs
-from conftest import SHARED_DATA, run_cli, write_jsonl
+from conftest import SHARED_DATA, read_metrics, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -80,20 +80,34 @@ def test_lora_base_reference_equals_precomputed_reference(tiny_tokenizer, prefs)
     assert not torch.allclose(p.chosen, p.ref_chosen, atol=1e-2)
 
 
-def test_padding_free_rows_give_the_padded_rows_log_probs_and_lengths(tiny_tokenizer, prefs):
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_padding_free_rows_give_the_padded_rows_log_probs_and_lengths(tiny_tokenizer, prefs, share_prompts):
     comparisons, model = comparisons_and_lora_policy(tiny_tokenizer, prefs)
     padded = collate_comparisons(comparisons, tiny_tokenizer.pad_token_id)
-    packed = collate_comparisons(comparisons, tiny_tokenizer.pad_token_id, pack_to=256)
+    packed = collate_comparisons(comparisons, tiny_tokenizer.pad_token_id, pack_to=256, share_prompts=share_prompts)
     assert packed.batch.input_ids.shape[0] < padded.batch.input_ids.shape[0] and packed.n_tokens == padded.n_tokens
+    # A pair's prompt once instead of twice: fewer positions than tokens (the unit of throughput stays the same).
+    assert (packed.batch.input_ids.numel() < 0.8 * packed.n_tokens) == share_prompts
     a, b = (pair_logps(model, cb, "lora-base", needs_reference=True) for cb in (padded, packed))
     for field in ("chosen", "rejected", "chosen_len", "rejected_len", "ref_chosen", "ref_rejected"):
         torch.testing.assert_close(getattr(b, field), getattr(a, field), atol=1e-4, rtol=1e-5)
 
 
 def test_padding_free_pairs_turn_themselves_off_where_attention_would_leak(tmp_path, prefs, monkeypatch, capsys):
-    monkeypatch.setattr(TokenLogprobModel, "keeps_packed_sequences_apart", lambda self: False)
+    monkeypatch.setattr(TokenLogprobModel, "keeps_packed_sequences_apart", lambda self, shared_prompts=False: False)
     run_dpo(config(tmp_path, prefs, max_steps=1))
     assert "padding-free batches off" in capsys.readouterr().out
+
+
+def test_shared_prompts_train_exactly_like_separate_rows_and_turn_off_without_a_mask(tmp_path, prefs, monkeypatch, capsys):
+    run_dpo(config(tmp_path, prefs, output=str(tmp_path / "shared"), max_steps=3, eval_fraction=0.0))
+    # A model whose attention does not take the shared-prompt mask packs each response whole.
+    monkeypatch.setattr(TokenLogprobModel, "keeps_packed_sequences_apart", lambda self, shared_prompts=False: not shared_prompts)
+    run_dpo(config(tmp_path, prefs, output=str(tmp_path / "separate"), max_steps=3, eval_fraction=0.0))
+    assert "shared prompts off" in capsys.readouterr().out
+    shared, separate = read_metrics(tmp_path / "shared"), read_metrics(tmp_path / "separate")
+    assert [m["loss"] for m in shared] == pytest.approx([m["loss"] for m in separate], rel=1e-4)
+    assert [m["tokens"] for m in shared] == [m["tokens"] for m in separate]
 
 
 def test_lora_base_reference_trains(tmp_path, prefs):

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from alignkit.data.tokenize import IGNORE, Example, collate, collate_with_prefixes
+from alignkit.data.tokenize import IGNORE, Example, collate, collate_packed_shared, collate_with_prefixes
 from alignkit.engine import PhaseMix, Shuffled, lr_multiplier
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs, target_logprobs
 from alignkit.models import TINY_LLAMA, load_model
@@ -109,6 +109,23 @@ def test_rows_continuing_shared_prefixes_are_laid_out_by_hand():
     assert batch.n_tokens == (3 + 2) + (3 + 3) + (2 + 1) + (2 + 2)  # every row's whole sequence, as for full rows
     with pytest.raises(ValueError, match="evenly"):
         collate_with_prefixes([[5, 6], [7]], [[1], [2], [3]], pad_id=0)
+
+
+def test_responses_after_one_copy_of_their_prompt_are_laid_out_by_hand():
+    i = IGNORE
+    a, b = Example([3, 5, 7, 9, 4], [i, i, 9, 4, i]), Example([3, 5, 7, 6], [i, i, 6, i])
+    c, d = Example([8, 2, 4], [i, 4, i]), Example([8, 2, 6, 1], [i, 6, 1, i])
+    batch = collate_packed_shared([[a, b], [c, d]], max_length=16, pad_id=0)
+    # Shared: the leading tokens both hold and neither trains on ([3, 5]; [8]); position 2 of a and b predicts.
+    assert batch.input_ids.tolist() == [[3, 5, 7, 9, 4, 7, 6, 8, 2, 4, 2, 6, 1]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 1, 2, 3]]
+    assert batch.labels.tolist() == [[i, i, 9, 4, i, 6, i, i, 4, i, 6, 1, i]]
+    assert batch.example_index.tolist() == [[-1, -1, 0, 0, 0, 1, 1, -1, 2, 2, 3, 3, 3]]
+    assert batch.ends.tolist() == [4, 6, 9, 12] and batch.n_tokens == 16
+    mask = batch.attention_mask[0, 0]
+    assert mask[5].tolist() == [1, 1, 0, 0, 0, 1] + [0] * 7  # b's first token: the prompt and itself, not a
+    assert mask[10].tolist() == [0] * 7 + [1, 0, 0, 1, 0, 0]  # d: its own prompt only, nothing of the first pair
+    assert torch.equal(mask, mask & torch.ones(13, 13, dtype=torch.bool).tril())
 
 
 @pytest.mark.parametrize("lora", [False, True])

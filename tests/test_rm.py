@@ -24,7 +24,7 @@ from alignkit.cli import main
 from alignkit.data.comparisons import encode_comparisons
 from alignkit.data.loading import load_records
 from alignkit.data.records import Message, PreferencePair, Ranking, user_prompt
-from alignkit.data.tokenize import collate, collate_packed, encode_prompt_completion
+from alignkit.data.tokenize import collate, collate_packed, encode_prompt_completion, shared_prompt_length
 from alignkit.models import SMOLLM2, TINY_LLAMA, load_model
 from alignkit.rewards.reward_model import CombinedReward, RewardModel, build_reward_model, load_reward_model
 from conftest import ROOT, SHARED_DATA, read_metrics, write_jsonl
@@ -99,16 +99,21 @@ def mixed_comparisons(tokenizer):
     return encode_comparisons(tokenizer, records, max_length=256)[0]
 
 
+@pytest.mark.parametrize("share_prompts", [False, True])
 @pytest.mark.parametrize("attention, budget", [("sdpa", 1024), ("eager", 1024), ("sdpa", 160)])
-def test_packed_batches_give_the_padded_rewards_loss_and_gradients(tiny_tokenizer, attention, budget):
+def test_packed_batches_give_the_padded_rewards_loss_and_gradients(tiny_tokenizer, attention, budget, share_prompts):
     rm = tiny_rm(tiny_tokenizer, attention)
     comparisons = mixed_comparisons(tiny_tokenizer)
-    assert rm.packs()
+    assert rm.packs() and rm.shares_prompts()
     padded = collate_for_rm(comparisons, tiny_tokenizer.pad_token_id, use_margins=True)
-    packed = collate_for_rm(comparisons, tiny_tokenizer.pad_token_id, use_margins=True, pack_to=budget)
-    assert packed.n_tokens == padded.n_tokens and packed.batch.attention_mask is None
+    packed = collate_for_rm(comparisons, tiny_tokenizer.pad_token_id, use_margins=True, pack_to=budget, share_prompts=share_prompts)
+    assert packed.n_tokens == padded.n_tokens
+    # With shared prompts a comparison's prompt is in the row once: the other answers' copies are not computed.
+    saved = sum((len(c.responses) - 1) * shared_prompt_length(c.responses) for c in comparisons) if share_prompts else 0
+    assert saved > 0 or not share_prompts
+    assert (packed.batch.attention_mask is None) != share_prompts
     if budget > packed.n_tokens:  # one row, not a single padding token
-        assert packed.batch.input_ids.shape == (1, packed.n_tokens)
+        assert packed.batch.input_ids.shape == (1, packed.n_tokens - saved)
     else:  # several rows up to the budget, the shorter ones padded (as a block of their own)
         assert 1 < packed.batch.input_ids.shape[0] < padded.batch.input_ids.shape[0]
         assert packed.batch.input_ids.shape[1] <= budget

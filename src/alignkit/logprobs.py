@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from alignkit.data.tokenize import IGNORE, Batch, Example, collate, collate_with_prefixes
+from alignkit.data.tokenize import IGNORE, Batch, Example, collate, collate_packed, collate_packed_shared, collate_with_prefixes
 from alignkit.models import with_cache
 
 
@@ -40,29 +40,49 @@ def target_logprobs(
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-@torch.no_grad()
-def keeps_packed_sequences_apart(owner: torch.nn.Module, body: Callable[..., Any]) -> bool:
-    """One tiny forward of the decoder `body` of `owner` (evaluated without dropout, its mode restored): is the
-    last hidden state of a sequence packed after another (position ids restarting at 0, no attention mask)
-    the same as alone?
+# The attention implementations of `transformers` that take a custom [B, 1, T, T] mask (`attention_input`).
+MASKABLE_ATTENTION = ("sdpa", "eager")
 
-    `transformers` turns restarting position ids into a block-diagonal mask in its own attention
-    implementations (eager, sdpa, flex; flash attention goes varlen), but a model that builds its own mask
-    (remote code, an older version) would let each sequence attend to the ones before it in the row,
-    silently. Leaking changes the state by O(1); the 5% tolerance only absorbs bf16 rounding.
+
+def attention_input(config: Any, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The attention mask as the model's attention takes it: a [B, 1, T, T] boolean mask (True: may attend,
+    `collate_packed_shared`) goes to sdpa as it is and to eager attention as an additive one; others pass."""
+    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool or getattr(config, "_attn_implementation", "sdpa") == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+
+
+@torch.no_grad()
+def keeps_packed_sequences_apart(owner: torch.nn.Module, body: Callable[..., Any], *, shared_prompts: bool = False) -> bool:
+    """One tiny forward of the decoder `body` of `owner` (evaluated without dropout, its mode restored): is the
+    last hidden state of each sequence packed in a row the same as alone?
+
+    Packed with `collate_packed` (position ids restarting at 0, no attention mask), or with `shared_prompts`
+    as `collate_packed_shared` lays out two pairs that each share their first tokens (a boolean mask; sdpa
+    and eager attention only). `transformers` turns restarting position ids into a block-diagonal mask in its
+    own attention implementations (eager, sdpa, flex; flash attention goes varlen), but a model that builds
+    its own mask (remote code, an older version) would let each sequence attend to the ones before it in the
+    row, silently. Leaking changes the state by O(1); the 5% tolerance only absorbs bf16 rounding.
     """
+    config = getattr(body, "config", None)
+    if shared_prompts and getattr(config, "_attn_implementation", None) not in MASKABLE_ATTENTION:
+        return False
+    pairs = [[[3, 5, 7, 9], [3, 5, 6]], [[4, 6, 8], [4, 6, 2, 7]]]
+    groups = [[Example(ids, [IGNORE] * len(ids)) for ids in pair] for pair in pairs]
+    examples = [e for group in groups for e in group]
+    batch = collate_packed_shared(groups, 64, pad_id=0) if shared_prompts else collate_packed(examples, 64, pad_id=0)
+    assert batch.ends is not None
     was_training = owner.training
     owner.eval()
     device = next(owner.parameters()).device
-    first, second = [3, 5, 7, 9], [4, 6, 8]
+    batch = batch.to(device)
     packed = body(
-        input_ids=torch.tensor([first + second], device=device),
-        position_ids=torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device),
-        use_cache=False,
-    ).last_hidden_state[0, -1].float()
-    alone = body(input_ids=torch.tensor([second], device=device), use_cache=False).last_hidden_state[0, -1].float()
+        input_ids=batch.input_ids, attention_mask=attention_input(config, batch.attention_mask),
+        position_ids=batch.position_ids, use_cache=False,
+    ).last_hidden_state.flatten(0, 1)[batch.ends].float()  # fmt: skip
+    alone = [body(input_ids=torch.tensor([e.input_ids], device=device), use_cache=False).last_hidden_state[0, -1].float() for e in examples]
     owner.train(was_training)
-    return bool((packed - alone).norm() <= 0.05 * alone.norm())
+    return all(bool((mine - own).norm() <= 0.05 * own.norm()) for mine, own in zip(packed, alone))
 
 
 class UnfilledCache(RuntimeError):
@@ -89,9 +109,10 @@ class TokenLogprobModel(torch.nn.Module):
         # Heads that rescale or soft-cap logits are not a plain linear layer; use the model's own forward.
         self.plain_head = not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
 
-    def keeps_packed_sequences_apart(self) -> bool:
-        """Whether rows of several sequences (packed, padding-free) give each the log-probs it has alone."""
-        return keeps_packed_sequences_apart(self, base_model(self.model).get_decoder())
+    def keeps_packed_sequences_apart(self, *, shared_prompts: bool = False) -> bool:
+        """Whether rows of several sequences (packed, padding-free; `shared_prompts`: a comparison's responses
+        after one copy of their prompt) give each the log-probs it has alone."""
+        return keeps_packed_sequences_apart(self, base_model(self.model).get_decoder(), shared_prompts=shared_prompts)
 
     @torch.no_grad()
     def shares_prefixes(self) -> bool:
@@ -175,7 +196,8 @@ class TokenLogprobModel(torch.nn.Module):
         if prefix_ids is not None:
             assert prefix_position_ids is not None and prefix_mask is not None
             cache = self.prefix_cache(prefix_ids, prefix_position_ids, prefix_mask, input_ids.shape[0])
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=cache is not None)
+        attention = attention_input(base.config, attention_mask)
+        inputs = dict(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=cache is not None)
         if self.plain_head:
             decoder = base.get_decoder()
             hidden = decoder(**inputs, **with_cache(decoder, cache)).last_hidden_state

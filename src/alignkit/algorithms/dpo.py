@@ -56,6 +56,9 @@ class DPOConfig(EngineConfig, DataOptions, ModelOptions):
     padding_free: bool = True
     """lay each micro-batch's responses end to end in rows of at most --max-length (restarting positions, no
     padding): the same log-probs as right-padded rows, less compute and memory"""
+    share_prompts: bool = True
+    """with --padding-free, put a pair's prompt in a row once for both responses, each seeing only the prompt
+    and itself (sdpa or eager attention): the same log-probs, the prompt's work done once"""
 
     @property
     def kind(self) -> PreferenceLoss:
@@ -221,6 +224,9 @@ def run_dpo(config: DPOConfig) -> dict:
     pack_to = config.max_length if config.padding_free and policy.keeps_packed_sequences_apart() else 0
     if config.padding_free and not pack_to:
         log("padding-free batches off: this model's attention lets sequences laid end to end see each other")
+    share_prompts = bool(pack_to) and config.share_prompts and policy.keeps_packed_sequences_apart(shared_prompts=True)
+    if pack_to and config.share_prompts and not share_prompts:
+        log("shared prompts off: this model's attention does not take the mask that keeps a prompt's responses apart")
     extra: dict = {"train_pairs": len(comparisons), "truncation": cut.summary(), **describe(policy)}
     if eval_comparisons and not (output / "summary.json").exists():
         extra["eval_before"] = evaluate_pairs(policy, config, eval_comparisons, pad_id)
@@ -236,7 +242,7 @@ def run_dpo(config: DPOConfig) -> dict:
         full_config=config,
         model=policy,
         loss_fn=DPOLoss(config),
-        stream=Shuffled(comparisons, config.batch_size, lambda chunk: collate_comparisons(chunk, pad_id, pack_to), config.seed),
+        stream=Shuffled(comparisons, config.batch_size, lambda chunk: collate_comparisons(chunk, pad_id, pack_to, share_prompts), config.seed),
         save_final=save_final,
         accelerator=accelerator,
         extra_summary=extra,

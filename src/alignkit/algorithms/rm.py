@@ -18,7 +18,9 @@ responses, which need no extra sampling).
 
 The answers of a micro-batch are packed into rows of at most --max-length tokens, with position ids
 restarting at 0 for each answer and the reward read at each answer's last token, so no padding is computed
-(`--no-packing`: one right-padded row per answer; both give the same rewards to float rounding).
+(`--no-packing`: one right-padded row per answer; both give the same rewards to float rounding). The
+answers of a comparison share one copy of its prompt in the row (`--share-prompts`, the default), under a
+mask that lets each answer see the prompt and itself only.
 
 `--action eval` reports accuracy, mean margin and expected calibration error on held-out comparisons;
 `--action score` adds a reward to every row of a JSONL file (including `alignkit generate` output).
@@ -72,6 +74,8 @@ class RMConfig(EngineConfig, DataOptions, ModelOptions):
     """longest sequence in tokens, longer ones cut from the right; 0: 512 to train, and for eval/score the length the reward model was trained with"""
     packing: bool = True
     """pack a micro-batch's answers into rows of at most --max-length tokens without padding (causal backbones, when the attention keeps packed answers apart; else padded rows)"""
+    share_prompts: bool = True
+    """with --packing, put a comparison's prompt in a row once for all its answers, each answer seeing only the prompt and itself (sdpa or eager attention): the same rewards, the prompt's work done once"""
 
     def length(self) -> int:
         return self.max_length or 512
@@ -154,13 +158,13 @@ class RMLoss:
         return comparison_loss(rewards, better, worse, group, batch.n_comparisons, margins)
 
 
-def collate_for_rm(chunk: Sequence[Comparison], pad_id: int, use_margins: bool, pack_to: int = 0) -> ComparisonBatch:
+def collate_for_rm(chunk: Sequence[Comparison], pad_id: int, use_margins: bool, pack_to: int = 0, share_prompts: bool = False) -> ComparisonBatch:
     """Comparison rows; in a batch where only some pairs carry a margin, the others get margin 0 (not none).
 
     `pack_to` > 0 packs all answers into rows of at most that many tokens (`collate_packed`), whose `ends`
     keep the answers' order, so `pair_indices()` holds for packed and padded rows alike.
     """
-    batch = collate_comparisons(chunk, pad_id, pack_to)
+    batch = collate_comparisons(chunk, pad_id, pack_to, share_prompts)
     if not use_margins:
         batch.margins = None
     elif batch.margins is None and any(c.margin is not None for c in chunk):
@@ -275,6 +279,9 @@ def run_train(config: RMConfig) -> dict[str, Any]:
     pack_to = config.length() if model.packs() else 0
     if config.packing and not pack_to:
         log("packing off: it needs a causal backbone read at the last token whose attention keeps packed sequences apart")
+    share_prompts = bool(pack_to) and config.share_prompts and model.shares_prompts()
+    if pack_to and config.share_prompts and not share_prompts:
+        log("shared prompts off: this model's attention does not take the mask that keeps a prompt's answers apart")
     records, eval_records = config.load_train_eval("comparison", config.seed, log)
     comparisons, cut = encode_for(model, records, config.length())
     log("train: " + cut.summary())
@@ -283,7 +290,7 @@ def run_train(config: RMConfig) -> dict[str, Any]:
         log("held-out: " + eval_cut.summary())
 
     pad_id = tokenizer.pad_token_id
-    collate = lambda chunk: collate_for_rm(chunk, pad_id, config.use_margins, pack_to)  # noqa: E731
+    collate = lambda chunk: collate_for_rm(chunk, pad_id, config.use_margins, pack_to, share_prompts)  # noqa: E731
     stream = Shuffled(comparisons, config.batch_size, collate, config.seed)
     n_pairs = sum(len(c.responses) * (len(c.responses) - 1) // 2 for c in comparisons)
     extra: dict[str, Any] = {
@@ -291,6 +298,7 @@ def run_train(config: RMConfig) -> dict[str, Any]:
         "train_pairs": n_pairs,
         "truncation": cut.summary(),
         "packing": bool(pack_to),
+        "shared_prompts": share_prompts,
         **describe(model),
     }
 

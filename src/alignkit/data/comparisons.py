@@ -15,7 +15,16 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from alignkit.data.records import PreferencePair, Ranking
-from alignkit.data.tokenize import Batch, Example, TruncationReport, collate, collate_packed, encode_prompt_completion, truncate_together
+from alignkit.data.tokenize import (
+    Batch,
+    Example,
+    TruncationReport,
+    collate,
+    collate_packed,
+    collate_packed_shared,
+    encode_prompt_completion,
+    truncate_together,
+)
 
 
 @dataclass
@@ -89,9 +98,10 @@ def encode_comparisons(
     return comparisons, report
 
 
-def collate_comparisons(comparisons: Sequence[Comparison], pad_id: int, pack_to: int = 0) -> ComparisonBatch:
+def collate_comparisons(comparisons: Sequence[Comparison], pad_id: int, pack_to: int = 0, share_prompts: bool = False) -> ComparisonBatch:
     """One row per response, right-padded; with `pack_to` > 0 the responses are laid end to end in rows of at
-    most that many tokens instead (`collate_packed`: read them back with `ends` or `example_sums`)."""
+    most that many tokens instead (`collate_packed`: read them back with `ends` or `example_sums`), and with
+    `share_prompts` too, a comparison's prompt goes in once for all its responses (`collate_packed_shared`)."""
     rows = [[response] for c in comparisons for response in c.responses]
     margins = None
     if all(c.margin is not None for c in comparisons):
@@ -99,5 +109,10 @@ def collate_comparisons(comparisons: Sequence[Comparison], pad_id: int, pack_to:
     ref = None
     if all(c.ref_logps is not None for c in comparisons):
         ref = torch.tensor([lp for c in comparisons for lp in c.ref_logps], dtype=torch.float32)  # type: ignore[union-attr]
-    batch = collate_packed([row[0] for row in rows], pack_to, pad_id) if pack_to else collate(rows, pad_id)
+    if pack_to and share_prompts:
+        batch = collate_packed_shared([c.responses for c in comparisons], pack_to, pad_id)
+    elif pack_to:
+        batch = collate_packed([row[0] for row in rows], pack_to, pad_id)
+    else:
+        batch = collate(rows, pad_id)
     return ComparisonBatch(batch, [len(c.responses) for c in comparisons], margins, ref, [c.origin for c in comparisons])

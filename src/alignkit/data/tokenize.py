@@ -285,6 +285,73 @@ def collate_with_prefixes(prefixes: Sequence[Sequence[int]], continuations: Sequ
     return batch
 
 
+def shared_prompt_length(examples: Sequence[Example]) -> int:
+    """How many leading tokens `examples` hold alike and none of them trains on (their common prompt), leaving
+    each at least one token of its own."""
+    limit = min(len(e) for e in examples) - 1
+    first = examples[0]
+    for i in range(limit):
+        if any(e.input_ids[i] != first.input_ids[i] or e.labels[i] != IGNORE for e in examples):
+            return i
+    return max(limit, 0)
+
+
+def collate_packed_shared(groups: Sequence[Sequence[Example]], max_length: int, pad_id: int) -> Batch:
+    """`collate_packed` for groups of examples that share a prompt (the responses of a comparison): the prompt
+    goes in once, followed by each example's own tokens, and a [B, 1, T, T] boolean mask lets an example's
+    tokens see its prompt and themselves but not the other examples of its group, nor other groups.
+
+    An example's own tokens keep their positions (they continue the prompt), so each scores as it would alone,
+    for one prompt's work instead of K. `ends` and `example_index` follow the examples in the order of the
+    flattened groups; the shared prompt belongs to none of them (−1) and carries no labels. `n_tokens` counts
+    every example's whole sequence, as `collate_packed` does.
+    """
+    units: list[Example] = []
+    layouts: list[tuple[list[int], list[int], list[int]]] = []  # per unit: positions, branches, example numbers
+    number = 0
+    for group in groups:
+        shared = shared_prompt_length(group) if len(group) > 1 else 0
+        ids, labels = list(group[0].input_ids[:shared]), [IGNORE] * shared
+        positions, branches, numbers = list(range(shared)), [0] * shared, [-1] * shared
+        for branch, example in enumerate(group, start=1):
+            own = len(example) - shared
+            ids += example.input_ids[shared:]
+            labels += example.labels[shared:]
+            positions += range(shared, len(example))
+            branches += [branch] * own
+            numbers += [number] * own
+            number += 1
+        units.append(Example(ids, labels))
+        layouts.append((positions, branches, numbers))
+    slot = {id(unit): u for u, unit in enumerate(units)}
+    # A group longer than `max_length` sets the width of the batch: every row may then fill up to it.
+    rows = pack(sorted(units, key=len, reverse=True), max(max_length, max(map(len, units))))
+    width = max(sum(len(unit) for unit in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids, labels_t = torch.full(shape, pad_id, dtype=torch.long), torch.full(shape, IGNORE, dtype=torch.long)
+    positions_t, branch_t = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    index = torch.full(shape, -1, dtype=torch.long)
+    segment = -1 - torch.arange(len(rows) * width).view(shape)  # each padding position is a segment of its own
+    for r, row in enumerate(rows):
+        start = 0
+        for unit in row:
+            u = slot[id(unit)]
+            columns = slice(start, start + len(unit))
+            positions, branches, numbers = layouts[u]
+            input_ids[r, columns], labels_t[r, columns] = torch.tensor(unit.input_ids), torch.tensor(unit.labels)
+            positions_t[r, columns], branch_t[r, columns] = torch.tensor(positions), torch.tensor(branches)
+            index[r, columns], segment[r, columns] = torch.tensor(numbers), u
+            start += len(unit)
+    flat = index.flatten()
+    ends = torch.zeros(number, dtype=torch.long).scatter_reduce(0, flat[flat >= 0], (flat >= 0).nonzero().squeeze(-1), "amax")
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same_group = segment[:, :, None] == segment[:, None, :]
+    own_or_shared = (branch_t[:, None, :] == 0) | (branch_t[:, :, None] == branch_t[:, None, :])
+    mask = (causal & same_group & own_or_shared)[:, None]
+    tokens = sum(len(e) for group in groups for e in group)
+    return Batch(input_ids, labels_t, positions_t, mask, tokens, ends, index)
+
+
 def collate_packed(examples: Sequence[Example], max_length: int, pad_id: int) -> Batch:
     """All `examples` packed into rows of at most `max_length` tokens and collated, with `ends` set.
 

@@ -40,7 +40,7 @@ from alignkit.data.records import Prompt
 from alignkit.data.tokenize import IGNORE, Example, collate, collate_packed, encode_prompt_completion
 from alignkit.errors import AlignkitError
 from alignkit.io import write_json
-from alignkit.logprobs import keeps_packed_sequences_apart
+from alignkit.logprobs import attention_input, keeps_packed_sequences_apart
 from alignkit.models import LoraSettings, apply_lora, load_model, load_tokenizer, resolve, save_model
 from alignkit.rewards.verifiers import Scorer  # the one scorer interface: score(prompts, completions[, references]) -> [N]
 
@@ -162,7 +162,9 @@ class RewardModel(nn.Module):
             # Encoders number positions themselves (RoBERTa starts after the padding index), so only the
             # decoder gets the collated position ids.
             kwargs.update(position_ids=position_ids, use_cache=False)
-        hidden = self.body()(**kwargs).last_hidden_state
+        body = self.body()
+        kwargs["attention_mask"] = attention_input(body.config, attention_mask)
+        hidden = body(**kwargs).last_hidden_state
         pooled = pool(hidden, attention_mask, self.pooling) if ends is None else hidden.flatten(0, 1)[ends]
         return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
 
@@ -174,6 +176,10 @@ class RewardModel(nn.Module):
         if self._isolates is None:
             self._isolates = keeps_packed_sequences_apart(self, self.body())
         return self._isolates
+
+    def shares_prompts(self) -> bool:
+        """Whether packed batches can hold a comparison's prompt once for all its answers (`collate_packed_shared`)."""
+        return self.packs() and keeps_packed_sequences_apart(self, self.body(), shared_prompts=True)
 
     # --- tokenisation and scoring -----------------------------------------------------------------------
 
