@@ -13,6 +13,8 @@ command ends where an uninterrupted run ends.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import math
 import os
@@ -198,6 +200,28 @@ def lr_multiplier(step: int, total: int, *, kind: str, warmup: int, decay_steps:
     if kind == "cosine":
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     raise ValueError(f"unknown scheduler {kind!r}")
+
+
+@functools.cache
+def _glibc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl)
+        return None
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """Give the memory a step freed back to the operating system, on a CPU run under glibc.
+
+    glibc keeps freed heap memory for reuse, and a step's activations are freed in an order that leaves them
+    scattered: peak resident memory then grows by as much as the live memory itself. One `malloc_trim` per
+    optimiser step returns it (SFT on the built-in model: 4.0 GB -> 3.7 GB peak), at no measurable cost: the
+    next step touches its memory afresh either way. GPU memory has its own caching allocator.
+    """
+    libc = _glibc() if device.type == "cpu" else None
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def peak_memory_mb() -> float:
@@ -410,6 +434,7 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        release_freed_memory(accelerator.device)
 
         logged = _reduce_metrics(accelerator, sums, counts, units)
         last_loss = logged["loss"]
@@ -477,6 +502,11 @@ def train(
 def make_accelerator(config: EngineConfig) -> Accelerator:
     set_seed(config.seed)
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    if not has_accelerator:
+        # transformers repeats the grouped K/V heads before sdpa whenever there is a mask, for the sake of
+        # CUDA kernels; the CPU kernel takes them grouped, masked or not, which saves the copies (memory in
+        # training, a copy of the whole KV cache per decoding step). A user's own setting wins.
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     return Accelerator(
         # On a machine without an accelerator, processes started by `accelerate launch --multi_gpu` (torchrun)
         # only join one DDP group over gloo when accelerate is told it runs on CPU.

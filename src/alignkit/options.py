@@ -6,10 +6,13 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from transformers import PreTrainedModel
+
 from alignkit.data.loading import Kind, load_records
 from alignkit.data.records import Message, PromptWithAnswer, Record
 from alignkit.data.tokenize import prompt_ids
 from alignkit.errors import AlignkitError
+from alignkit.fused import lean_activations
 from alignkit.logprobs import TokenLogprobModel
 from alignkit.models import LoraSettings, apply_lora, load_model
 
@@ -30,15 +33,24 @@ class ModelOptions:
     """module names that get LoRA adapters, e.g. q_proj v_proj; all-linear for every linear layer but the head"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, about a third more compute"""
+    lean_activations: bool = True
+    """keep fewer tensors of RMSNorm and SwiGLU for the backward pass, recomputing their element-wise rest (Llama, Mistral, Qwen families): the same results, less activation memory"""
     trust_remote_code: bool = False
     """run code shipped with a hub model (off unless you trust it)"""
 
     def lora(self) -> LoraSettings:
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, list(self.lora_target_modules))
 
+    def load_trainable(self) -> PreTrainedModel:
+        """The model to train, with lean activations when asked (before LoRA wraps its layers)."""
+        model = load_model(self.model, trust_remote_code=self.trust_remote_code)
+        if self.lean_activations:
+            lean_activations(model)
+        return model
+
     def build_policy(self) -> TokenLogprobModel:
         """The model to train (LoRA-wrapped when asked), ready to return target-token log-probs."""
-        model = apply_lora(load_model(self.model, trust_remote_code=self.trust_remote_code), self.lora())
+        model = apply_lora(self.load_trainable(), self.lora())
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return TokenLogprobModel(model)

@@ -269,6 +269,7 @@ def run_train(config: RMConfig) -> dict[str, Any]:
         pooling=None if config.pooling == "auto" else config.pooling,
         lora=config.lora(),
         gradient_checkpointing=config.gradient_checkpointing,
+        lean=config.lean_activations,
         trust_remote_code=config.trust_remote_code,
         max_length=config.length(),
         batch_size=config.eval_batch_size,

@@ -39,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from alignkit.data.records import Prompt
 from alignkit.data.tokenize import IGNORE, Example, collate, collate_packed, encode_prompt_completion
 from alignkit.errors import AlignkitError
+from alignkit.fused import lean_activations
 from alignkit.io import write_json
 from alignkit.logprobs import attention_input, keeps_packed_sequences_apart
 from alignkit.models import LoraSettings, apply_lora, load_model, load_tokenizer, resolve, save_model
@@ -291,18 +292,21 @@ def build_reward_model(
     pooling: Pooling | None = None,
     lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
+    lean: bool = True,
     trust_remote_code: bool = False,
     max_length: int = 512,
     batch_size: int = 16,
     packing: bool = True,
 ) -> RewardModel:
-    """A fresh reward model (new head) on the backbone `name`: a causal LM, or an encoder with AutoModel."""
+    """A fresh reward model (new head) on the backbone `name`: a causal LM, or an encoder with AutoModel;
+    `lean` swaps in the activation-lean RMSNorm and SwiGLU (`alignkit.fused`) where the backbone has them."""
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     lora = lora or LoraSettings()
-    if backbone == "causal":
-        model = apply_lora(load_model(name, trust_remote_code=trust_remote_code), lora)
-    else:
-        model = apply_lora(_load_encoder(name, trust_remote_code), lora, task_type="FEATURE_EXTRACTION")
+    causal = backbone == "causal"
+    model = load_model(name, trust_remote_code=trust_remote_code) if causal else _load_encoder(name, trust_remote_code)
+    if lean:
+        lean_activations(model)
+    model = apply_lora(model, lora, task_type="CAUSAL_LM" if causal else "FEATURE_EXTRACTION")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return RewardModel(
