@@ -212,12 +212,13 @@ def _glibc() -> Any:
 
 
 def release_freed_memory(device: torch.device) -> None:
-    """Give the memory a step freed back to the operating system, on a CPU run under glibc.
+    """Give freed memory back to the operating system, on a CPU run under glibc.
 
-    glibc keeps freed heap memory for reuse, and a step's activations are freed in an order that leaves them
-    scattered: peak resident memory then grows by as much as the live memory itself. One `malloc_trim` per
-    optimiser step returns it (SFT on the built-in model: 4.0 GB -> 3.7 GB peak), at no measurable cost: the
-    next step touches its memory afresh either way. GPU memory has its own caching allocator.
+    glibc keeps freed heap memory for reuse, and the tensors of a step are freed in an order that leaves holes
+    between the ones still alive: peak resident memory grows with the scattered remains of earlier passes. The
+    engine calls `malloc_trim` before each backward pass (the forward's temporaries are gone) and after each
+    optimiser step (the activations and gradients are gone). SFT on the built-in model: peak 3.5 -> 3.3 GB
+    with both, 4.0 GB with neither, at no measurable cost in speed. GPU memory has its own caching allocator.
     """
     libc = _glibc() if device.type == "cpu" else None
     if libc is not None:
@@ -421,6 +422,7 @@ def train(
             sync = accelerator.no_sync(model) if i < len(passes) - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 loss_sum, metrics = loss_fn(model, piece)
+                release_freed_memory(accelerator.device)  # the forward's temporaries, before the backward's own
                 accelerator.backward(loss_sum * scale)
             for name, value in {"loss": loss_sum, **metrics}.items():
                 total, count = value if isinstance(value, tuple) else (value, None)
