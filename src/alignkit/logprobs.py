@@ -149,17 +149,9 @@ class TokenLogprobModel(torch.nn.Module):
                 return False
         return True
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        prefix_ids: torch.Tensor | None = None,
-        prefix_position_ids: torch.Tensor | None = None,
-        prefix_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.logprobs_and_hidden(input_ids, labels, position_ids, attention_mask, prefix_ids, prefix_position_ids, prefix_mask)[0]
+    def forward(self, *tensors: torch.Tensor | None) -> torch.Tensor:
+        """Target log-probs [B, T]; takes the tensors of `logprobs_and_hidden`, in its order."""
+        return self.logprobs_and_hidden(*tensors)[0]  # type: ignore[arg-type]
 
     def prefix_cache(self, prefix_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> DynamicCache | None:
         """The KV cache of prefixes [G, P], each repeated for its rows / G rows (gradients flow back through it)."""
