@@ -79,7 +79,7 @@ def step_tokens(lengths_in_order: list[int], w: Workload) -> list[int]:
 
 def data_tokens(w: Workload, tokenizer) -> tuple[list[int] | None, int]:
     """Tokens per step as alignkit consumes them (None for GRPO, whose completions are sampled), and the
-    tokens of all items read (alignkit's DPO reference pass goes over all of them)."""
+    tokens of all items the run consumes (alignkit's DPO reference pass scores just those)."""
     if w.kind == "sft":
         items = sft_examples(w, tokenizer)
         lengths = [len(e) for e in items]
@@ -91,7 +91,8 @@ def data_tokens(w: Workload, tokenizer) -> tuple[list[int] | None, int]:
     if len(lengths) < w.consumed:
         raise SystemExit(f"{w.name}: only {len(lengths)} items left after truncation, {w.consumed} needed")
     order = alignkit_order(len(lengths), w.seed)
-    return step_tokens([lengths[i] for i in order], w), sum(lengths)
+    steps = step_tokens([lengths[i] for i in order], w)
+    return steps, sum(steps)
 
 
 # --- identical initialisation of what is random at start (RM head, LoRA A matrices) -------------------------
@@ -428,7 +429,7 @@ def main() -> None:
         tokens = run["measured_tokens"]
     timed_s = ends[-1] - ends[0]
     train_tokens = sum(tokens[1:])
-    if run.get("reference_s"):  # alignkit DPO: the one reference pass over the data read; the timed steps' share
+    if run.get("reference_s"):  # alignkit DPO: the one reference pass over the data consumed; the timed steps' share
         timed_s += run["reference_s"] * train_tokens / tokens_read
     rows_per_item = {"sft": 1, "rm": 1, "dpo": 1, "grpo": w.num_generations}[w.kind]
     gen_tokens = sum(run["generation_tokens"][1:]) if run["generation_tokens"] else 0

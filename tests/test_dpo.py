@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
-from alignkit.algorithms.dpo import DPOConfig, pair_logps, run_dpo
+from alignkit.algorithms.dpo import DPOConfig, as_pairs, attach_reference, pair_logps, run_dpo
 from alignkit.data.comparisons import collate_comparisons, encode_comparisons
 from alignkit.data.loading import load_records
 from alignkit.logprobs import TokenLogprobModel
@@ -55,6 +56,29 @@ def test_reference_cache_is_reused_and_refused_for_another_model(tmp_path, prefs
                      "--reference-cache", str(cache), "--max-steps", "1", "--max-length", "96", "--eval-fraction", "0.2")  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "reference cache was made for another model" in result.stderr and str(cache) in result.stderr
+
+
+def test_a_short_run_scores_only_the_pairs_it_trains_on_and_a_longer_one_adds_the_rest(tmp_path, prefs, tiny_tokenizer):
+    partial, full = tmp_path / "partial.pt", tmp_path / "full.pt"
+    run_dpo(config(tmp_path / "a", prefs, max_steps=2, batch_size=4, reference_cache=str(partial)))
+    scored = torch.load(partial, weights_only=True)["logps"]
+    # 80 training pairs, 2 steps of 4: 8 pairs, 16 responses.
+    assert len(scored) == 160 and sum(not math.isnan(x) for x in scored) == 16
+    # Trained on a reference cache of every pair instead: the same losses.
+    model = TokenLogprobModel(load_model(TINY_LLAMA))
+    cfg = config(tmp_path / "b", prefs, max_steps=2, batch_size=4, reference_cache=str(full))
+    records, _ = cfg.load_train_eval("comparison", cfg.seed, print)
+    comparisons, _ = encode_comparisons(tiny_tokenizer, as_pairs(records), cfg.max_length)
+    attach_reference(model, cfg, comparisons, tiny_tokenizer.pad_token_id, full)
+    assert not any(math.isnan(x) for x in torch.load(full, weights_only=True)["logps"])
+    run_dpo(cfg)
+    losses = [[m["loss"] for m in read_metrics(tmp_path / run / "out")] for run in ("a", "b")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # A longer run on the partial cache computes the missing pairs it needs, keeping those already there.
+    run_dpo(config(tmp_path / "c", prefs, max_steps=6, batch_size=4, reference_cache=str(partial)))
+    grown = torch.load(partial, weights_only=True)["logps"]
+    assert sum(not math.isnan(x) for x in grown) > 16
+    assert all(g == s for g, s in zip(grown, scored) if not math.isnan(s))
 
 
 def comparisons_and_lora_policy(tokenizer, prefs):

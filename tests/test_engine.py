@@ -11,14 +11,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from alignkit.data.tokenize import IGNORE, Example, collate, collate_packed_shared, collate_with_prefixes
-from alignkit.engine import PhaseMix, Shuffled, lr_multiplier
+from alignkit.engine import PhaseMix, Shuffled, lr_multiplier, peak_memory_mb, reset_peak_memory
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs, target_logprobs
-from alignkit.models import TINY_LLAMA, load_model
+from alignkit.models import TINY_LLAMA, enable_activation_checkpointing, load_model
 from conftest import SFT_DATA, read_metrics, run_cli
 
 
@@ -52,6 +53,9 @@ def test_streams_are_deterministic_and_skip_equals_consuming():
     skipped = Shuffled(items, 3, list, seed=1)
     skipped.skip(5)
     assert take(skipped, 7) == full[5:]
+    # What the first n micro-batches serve, without collating them: a reference pass scores just these.
+    for n in (1, 3, 4, 9):
+        assert Shuffled(items, 3, list, seed=1).served(n) == {x for batch in full[:n] for x in batch}
 
     def mix():
         return PhaseMix(Shuffled(items, 2, list, 1), Shuffled([-i for i in items], 2, list, 2), lambda g: 0.5 if g >= 4 else 0.0, 3)
@@ -161,7 +165,7 @@ def test_rows_continuing_shared_prefixes_score_as_their_full_sequences(lora, mon
 
 def test_gradient_checkpointing_scores_full_rows():
     model = load_model(TINY_LLAMA)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     assert not TokenLogprobModel(model).shares_prefixes()
 
 
@@ -222,3 +226,14 @@ def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(tmp_path
     # into update differences of up to ~1e-4 on weights whose gradient is almost zero.
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the resident high-water mark resets on Linux only")
+def test_each_pipeline_stage_measures_its_own_peak_memory():
+    reset_peak_memory()
+    before = peak_memory_mb()
+    held = torch.ones(400 * 2**20 // 4)  # 400 MiB touched, then freed
+    assert peak_memory_mb() >= before + 300
+    del held
+    reset_peak_memory()
+    assert peak_memory_mb() < before + 300

@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.algorithms.sft import SFTConfig, run_sft
+from alignkit.errors import AlignkitError
 from alignkit.logprobs import TokenLogprobModel, keeps_packed_sequences_apart
 from alignkit.models import SMOLLM2, TINY_LLAMA, load_model
 from conftest import SFT_DATA, read_metrics, write_jsonl
@@ -77,6 +78,8 @@ def test_padding_free_turns_itself_off_where_attention_would_leak_across_sequenc
     monkeypatch.setattr(TokenLogprobModel, "keeps_packed_sequences_apart", lambda self: False)
     run_sft(tiny_config(tmp_path, max_steps=1, eval_fraction=0.0))
     assert "padding-free batches off" in capsys.readouterr().out
+    with pytest.raises(AlignkitError, match="--packing: the attention of"):
+        run_sft(tiny_config(tmp_path / "packed", max_steps=1, eval_fraction=0.0, packing=True))
 
 
 def test_mid_training_mixes_instructions_only_in_the_decay_phase(tmp_path):

@@ -138,6 +138,12 @@ class Shuffled(Generic[T]):
         order = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(self.seed + epoch))
         return order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
 
+    def served(self, n: int) -> set[int]:
+        """Indices of the items the first `n` micro-batches take (all of them once `n` covers an epoch)."""
+        if n >= self.per_epoch():
+            return set(range(len(self.items)))
+        return {i for position in range(n) for i in self._indices(position)}
+
     def skip(self, n: int) -> None:
         self.position += n
 
@@ -233,6 +239,15 @@ def peak_memory_mb() -> float:
     return rss
 
 
+def reset_peak_memory() -> None:
+    """Start `peak_memory_mb` afresh (Linux: resets the process's resident high-water mark), so that each stage
+    of a pipeline, all run in one process, reports its own peak and not the largest one before it."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 @dataclass
 class RunResult:
     steps: int
@@ -256,6 +271,11 @@ def total_steps(config: EngineConfig, stream: MicroBatches, world_size: int) -> 
         return config.max_steps
     per_step = config.grad_accum * world_size
     return max(1, math.ceil(config.epochs * stream.per_epoch() / per_step))
+
+
+def items_trained_on(config: EngineConfig, stream: Shuffled, world_size: int) -> set[int]:
+    """Indices of the items of `stream` a run of `config` trains on: a short run over a large set takes a few."""
+    return stream.served(total_steps(config, stream, world_size) * config.grad_accum * world_size)
 
 
 class Checkpoints:

@@ -256,3 +256,13 @@ def with_cache(model: torch.nn.Module, cache: object) -> dict[str, object]:
     `past_key_values` is deprecated, `past_key_values` before."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     return {_cache_parameter(type(inner).forward): cache}
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant): transformers ≥ 5.24
+    calls it `activation_checkpointing_enable`, where `gradient_checkpointing_enable` is deprecated."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -14,7 +14,7 @@ from alignkit.data.tokenize import prompt_ids
 from alignkit.errors import AlignkitError
 from alignkit.fused import lean_activations
 from alignkit.logprobs import TokenLogprobModel
-from alignkit.models import LoraSettings, apply_lora, load_model
+from alignkit.models import LoraSettings, apply_lora, enable_activation_checkpointing, load_model
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ModelOptions:
         """The model to train (LoRA-wrapped when asked), ready to return target-token log-probs."""
         model = apply_lora(self.load_trainable(), self.lora())
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         return TokenLogprobModel(model)
 
 

@@ -2,8 +2,9 @@
 
 DPO-style losses compare the policy with a frozen reference. When the reference is the starting policy (the
 usual case: the SFT model), its log-probs on the training data never change, so one forward pass over the
-data before training replaces a second model in memory and a second forward pass per step. The cache is
-keyed by the model, the tokenised data and the length limit; a cache made for anything else is refused.
+data the run will train on, before training, replaces a second model in memory and a second forward pass per
+step. The cache is keyed by the model, the tokenised data and the length limit; a cache made for anything
+else is refused.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -57,30 +59,45 @@ def model_identity(name: str) -> dict[str, object]:
 
 
 def cached_reference_logprobs(
-    model: TokenLogprobModel, model_name: str, examples: list[Example], pad_id: int, cache: Path, batch_size: int = 8
+    model: TokenLogprobModel,
+    model_name: str,
+    examples: list[Example],
+    pad_id: int,
+    cache: Path,
+    batch_size: int = 8,
+    needed: Collection[int] | None = None,
 ) -> list[float]:
-    """Reference log-probs of `examples`, read from `cache` when it was made for this model and data."""
+    """Reference log-probs of `examples`, read from `cache` when it was made for this model and data.
+
+    Only the `needed` examples (default: all) are computed, the others are NaN: a run of a few steps over a
+    large set scores just the pairs it will train on. A later run that needs more computes only the missing
+    ones and adds them to the cache.
+    """
     key = {"model": model_identity(model_name), "data": data_fingerprint(examples), "n": len(examples)}
+    logps = [math.nan] * len(examples)
     if cache.exists():
         try:
             stored = torch.load(cache, weights_only=True)
         except Exception as exc:  # a truncated or foreign file
             raise AlignkitError(f"cannot read the reference cache ({exc})", where=str(cache), fix="delete it to recompute") from None
-        if stored.get("key") == key:
-            return stored["logps"]
-        made_for = stored.get("key", {})
-        what = "model" if made_for.get("model") != key["model"] else "data"
-        raise AlignkitError(
-            f"the reference cache was made for another {what} ({made_for.get('model', {}).get('name', '?')}, "
-            f"{made_for.get('n', '?')} sequences) than this run ({model_name}, {len(examples)} sequences)",
-            where=str(cache),
-            fix="delete the file to recompute it, or give --reference-cache a new path",
-        )
-    logps = sequence_logprobs(model, examples, pad_id, batch_size)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp")
-    torch.save({"key": key, "logps": logps}, tmp)
-    os.replace(tmp, cache)
+        if stored.get("key") != key:
+            made_for = stored.get("key", {})
+            what = "model" if made_for.get("model") != key["model"] else "data"
+            raise AlignkitError(
+                f"the reference cache was made for another {what} ({made_for.get('model', {}).get('name', '?')}, "
+                f"{made_for.get('n', '?')} sequences) than this run ({model_name}, {len(examples)} sequences)",
+                where=str(cache),
+                fix="delete the file to recompute it, or give --reference-cache a new path",
+            )
+        logps = stored["logps"]
+    missing = [i for i in (range(len(examples)) if needed is None else sorted(needed)) if math.isnan(logps[i])]
+    if missing:
+        for i, value in zip(missing, sequence_logprobs(model, [examples[i] for i in missing], pad_id, batch_size)):
+            logps[i] = value
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        torch.save({"key": key, "logps": logps}, tmp)
+        os.replace(tmp, cache)
     return logps
 
 

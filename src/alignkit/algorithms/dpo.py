@@ -1,10 +1,10 @@
 """Offline preference optimisation: DPO and its family (cDPO, robust DPO, IPO, hinge/SLiC, SimPO, ORPO).
 
 Each method is one loss in `alignkit.losses.preference`; this file feeds it. Chosen and rejected responses
-go through the policy in one forward pass. The reference log-probs come either from one pass over the data
-before training (the starting policy *is* the reference, so no second model is ever loaded; cached on disk)
-or, with LoRA, from the same model with its adapter switched off (`--reference lora-base`). SimPO and ORPO
-need no reference, and none is computed.
+go through the policy in one forward pass. The reference log-probs come either from one pass, before
+training, over the pairs the run trains on (the starting policy *is* the reference, so no second model is
+ever loaded; cached on disk) or, with LoRA, from the same model with its adapter switched off
+(`--reference lora-base`). SimPO and ORPO need no reference, and none is computed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from alignkit.data.comparisons import Comparison, ComparisonBatch, collate_comparisons, encode_comparisons
 from alignkit.data.records import PreferencePair, Ranking
 from alignkit.data.tokenize import IGNORE
-from alignkit.engine import EngineConfig, Shuffled, make_accelerator, train
+from alignkit.engine import EngineConfig, Shuffled, items_trained_on, make_accelerator, train
 from alignkit.errors import AlignkitError
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses import preference as L
@@ -190,15 +190,21 @@ def evaluate_pairs(model: TokenLogprobModel, config: DPOConfig, comparisons: lis
     return {"loss": total_loss / n, "accuracy": correct / n, "margin": margin / n}
 
 
-def attach_reference(policy: TokenLogprobModel, config: DPOConfig, comparisons: list[Comparison], pad_id: int, cache: Path) -> None:
+def attach_reference(
+    policy: TokenLogprobModel, config: DPOConfig, comparisons: list[Comparison], pad_id: int, cache: Path,
+    needed: set[int] | None = None,
+) -> None:  # fmt: skip
+    """Reference log-probs of the responses of the `needed` comparisons (default: all); NaN for the others."""
     from alignkit.reference import cached_reference_logprobs
 
-    responses = [r for c in comparisons for r in c.responses]
-    logps = cached_reference_logprobs(policy, config.model, responses, pad_id, cache, config.batch_size)
-    offset = 0
+    starts = [0]
     for c in comparisons:
-        c.ref_logps = logps[offset : offset + len(c.responses)]
-        offset += len(c.responses)
+        starts.append(starts[-1] + len(c.responses))
+    needed_responses = None if needed is None else [r for i in needed for r in range(starts[i], starts[i + 1])]
+    responses = [r for c in comparisons for r in c.responses]
+    logps = cached_reference_logprobs(policy, config.model, responses, pad_id, cache, config.batch_size, needed_responses)
+    for i, c in enumerate(comparisons):
+        c.ref_logps = logps[starts[i] : starts[i + 1]]
 
 
 def run_dpo(config: DPOConfig) -> dict:
@@ -214,19 +220,21 @@ def run_dpo(config: DPOConfig) -> dict:
     policy = config.build_policy()
     log(f"model {config.model}: {describe(policy)}; loss {config.loss}, beta {config.effective_beta}")
     output = Path(config.output)
-    if config.kind.needs_reference and config.reference == "precompute":
-        cache = Path(config.reference_cache) if config.reference_cache else output / "reference_logps.pt"
-        log(f"reference log-probs: {cache}")
-        attach_reference(policy, config, comparisons, pad_id, cache)
-        if eval_comparisons:
-            attach_reference(policy, config, eval_comparisons, pad_id, cache.with_name(cache.stem + ".eval.pt"))
-
     pack_to = config.max_length if config.padding_free and policy.keeps_packed_sequences_apart() else 0
     if config.padding_free and not pack_to:
         log("padding-free batches off: this model's attention lets sequences laid end to end see each other")
     share_prompts = bool(pack_to) and config.share_prompts and policy.keeps_packed_sequences_apart(shared_prompts=True)
     if pack_to and config.share_prompts and not share_prompts:
         log("shared prompts off: this model's attention does not take the mask that keeps a prompt's responses apart")
+    stream = Shuffled(comparisons, config.batch_size, lambda chunk: collate_comparisons(chunk, pad_id, pack_to, share_prompts), config.seed)
+    if config.kind.needs_reference and config.reference == "precompute":
+        cache = Path(config.reference_cache) if config.reference_cache else output / "reference_logps.pt"
+        trained_on = items_trained_on(config, stream, accelerator.num_processes)
+        log(f"reference log-probs of the {len(trained_on)} pairs this run trains on: {cache}")
+        attach_reference(policy, config, comparisons, pad_id, cache, trained_on)
+        if eval_comparisons:
+            attach_reference(policy, config, eval_comparisons, pad_id, cache.with_name(cache.stem + ".eval.pt"))
+
     extra: dict = {"train_pairs": len(comparisons), "truncation": cut.summary(), **describe(policy)}
     if eval_comparisons and not (output / "summary.json").exists():
         extra["eval_before"] = evaluate_pairs(policy, config, eval_comparisons, pad_id)
@@ -242,7 +250,7 @@ def run_dpo(config: DPOConfig) -> dict:
         full_config=config,
         model=policy,
         loss_fn=DPOLoss(config),
-        stream=Shuffled(comparisons, config.batch_size, lambda chunk: collate_comparisons(chunk, pad_id, pack_to, share_prompts), config.seed),
+        stream=stream,
         save_final=save_final,
         accelerator=accelerator,
         extra_summary=extra,

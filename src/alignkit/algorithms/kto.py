@@ -18,7 +18,7 @@ import torch
 from alignkit.data.loading import read_rows
 from alignkit.data.records import LabelledCompletion, PreferencePair
 from alignkit.data.tokenize import Batch, Example, TruncationReport, collate, encode_prompt_completion, truncate_together
-from alignkit.engine import EngineConfig, Shuffled, make_accelerator, train
+from alignkit.engine import EngineConfig, Shuffled, items_trained_on, make_accelerator, train
 from alignkit.errors import AlignkitError
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses.preference import kto_loss
@@ -169,9 +169,14 @@ def evaluate_kto(model: TokenLogprobModel, examples: list[KTOExample], config: K
     return {"loss": loss / max(len(examples), 1), "accuracy": agree / max(len(examples), 1)}
 
 
-def attach_reference(policy: TokenLogprobModel, config: KTOConfig, examples: list[KTOExample], pad_id: int, cache: Path) -> None:
+def attach_reference(
+    policy: TokenLogprobModel, config: KTOConfig, examples: list[KTOExample], pad_id: int, cache: Path,
+    needed: set[int] | None = None,
+) -> None:  # fmt: skip
+    """Reference log-probs of the `needed` examples (default: all) and their mismatched pairs; NaN for the others."""
     sequences = [e.matched for e in examples] + [e.mismatched for e in examples]
-    logps = cached_reference_logprobs(policy, config.model, sequences, pad_id, cache, config.batch_size)
+    needed_sequences = None if needed is None else [j for i in needed for j in (i, len(examples) + i)]
+    logps = cached_reference_logprobs(policy, config.model, sequences, pad_id, cache, config.batch_size, needed_sequences)
     for i, example in enumerate(examples):
         example.ref = (logps[i], logps[len(examples) + i])
 
@@ -192,7 +197,8 @@ def run_kto(config: KTOConfig) -> dict:
     log(f"model {config.model}: {describe(policy)}")
     output = Path(config.output)
     cache = Path(config.reference_cache) if config.reference_cache else output / "reference_logps.pt"
-    attach_reference(policy, config, examples, pad_id, cache)
+    stream = Shuffled(examples, config.batch_size, lambda chunk: collate_kto(chunk, pad_id), config.seed)
+    attach_reference(policy, config, examples, pad_id, cache, items_trained_on(config, stream, accelerator.num_processes))
     if eval_examples:
         attach_reference(policy, config, eval_examples, pad_id, cache.with_name(cache.stem + ".eval.pt"))
 
@@ -211,7 +217,7 @@ def run_kto(config: KTOConfig) -> dict:
         full_config=config,
         model=policy,
         loss_fn=KTOLoss(config),
-        stream=Shuffled(examples, config.batch_size, lambda chunk: collate_kto(chunk, pad_id), config.seed),
+        stream=stream,
         save_final=save_final,
         accelerator=accelerator,
         extra_summary=extra,

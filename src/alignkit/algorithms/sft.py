@@ -30,7 +30,8 @@ class SFTConfig(EngineConfig, DataOptions, ModelOptions):
     """Options of `alignkit sft`."""
 
     packing: bool = False
-    """pack several short examples into each row (attention never crosses example boundaries)"""
+    """pack several short examples into each row (attention never crosses example boundaries: checked at start-up,
+    a model whose attention would refuses it)"""
     padding_free: bool = True
     """lay each micro-batch's rows end to end in rows of at most --max-length (restarting positions, no padding):
     the same examples and loss as right-padded rows, less compute and memory"""
@@ -119,7 +120,14 @@ def run_sft(config: SFTConfig) -> dict:
 
     policy = config.build_policy()
     log(f"model {config.model}: {describe(policy)}")
-    padding_free = config.padding_free and policy.keeps_packed_sequences_apart()
+    kept_apart = (config.padding_free or config.packing) and policy.keeps_packed_sequences_apart()
+    if config.packing and not kept_apart:
+        raise AlignkitError(
+            f"--packing: the attention of {config.model} lets examples packed in one row see each other, "
+            "so each would be trained on the ones before it",
+            fix="drop --packing (padding-free batches are off for this model too)",
+        )
+    padding_free = config.padding_free and kept_apart
     if config.padding_free and not padding_free:
         log("padding-free batches off: this model's attention lets sequences laid end to end see each other")
 

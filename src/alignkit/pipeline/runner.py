@@ -215,7 +215,10 @@ def run_stage(
     spent = previous.get("wall_s", 0.0) if decision.action == "resume" else 0.0
     state.update(stage.key, command=stage.command.text, settings=stage.settings, output=str(stage.output), round=stage.round,
                  status="running", started=_now(), ended=None, wall_s=spent, error=None)  # fmt: skip
+    from alignkit.engine import reset_peak_memory  # torch only once a stage runs: `alignkit runs` stays light
+
     started = time.perf_counter()
+    reset_peak_memory()
 
     def end(status: str, error: str | None = None) -> None:
         state.update(stage.key, status=status, ended=_now(), wall_s=spent + time.perf_counter() - started, error=error)

@@ -42,7 +42,7 @@ from alignkit.errors import AlignkitError
 from alignkit.fused import lean_activations
 from alignkit.io import write_json
 from alignkit.logprobs import attention_input, keeps_packed_sequences_apart
-from alignkit.models import LoraSettings, apply_lora, load_model, load_tokenizer, resolve, save_model
+from alignkit.models import LoraSettings, apply_lora, enable_activation_checkpointing, load_model, load_tokenizer, resolve, save_model
 from alignkit.rewards.verifiers import Scorer  # the one scorer interface: score(prompts, completions[, references]) -> [N]
 
 HEAD_FILE = "reward_head.safetensors"
@@ -308,7 +308,7 @@ def build_reward_model(
         lean_activations(model)
     model = apply_lora(model, lora, task_type="CAUSAL_LM" if causal else "FEATURE_EXTRACTION")
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return RewardModel(
         model, tokenizer, backbone=backbone, pooling=pooling, max_length=max_length, batch_size=batch_size, packing=packing
     )
