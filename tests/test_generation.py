@@ -9,6 +9,7 @@ import torch
 
 from alignkit.data.records import user_prompt
 from alignkit import generation
+from alignkit.fused import lean_activations
 from alignkit.generation import SamplingParams, TransformersGenerator, next_tokens
 from alignkit.models import TINY_LLAMA, load_model
 from conftest import SHARED_DATA, run_cli
@@ -67,6 +68,27 @@ def test_a_padded_row_decodes_with_the_logits_of_its_unpadded_sequence(tiny_toke
     steps = min(len(seen), len(answer))
     assert steps >= 4
     torch.testing.assert_close(torch.stack(seen[:steps]), logits[start : start + steps], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN packs weights on x86 and ARM CPUs")
+def test_packed_weights_give_the_same_logits_and_are_dropped_afterwards():
+    model = load_model(TINY_LLAMA).eval()
+    lean_activations(model)  # as in training: the lean MLP must run its down projection as the module
+    ids = torch.tensor([[5, 9, 2, 7], [3, 3, 8, 1]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with generation.packed_linears(model, rows=2):
+            assert all("forward" in vars(m) for m in model.modules() if type(m) is torch.nn.Linear)
+            packed = model(input_ids=ids).logits
+            packed_one_row = model(input_ids=ids[:1]).logits
+        assert not any("forward" in vars(m) for m in model.modules() if type(m) is torch.nn.Linear)
+        assert torch.allclose(packed, plain, atol=1e-5) and torch.allclose(packed_one_row, plain[:1], atol=1e-5)
+        # A weight changed since (an optimiser step) is packed afresh by the next call.
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+        changed = model(input_ids=ids).logits
+        assert not torch.allclose(changed, plain, atol=1e-3)
+        with generation.packed_linears(model, rows=2):
+            assert torch.allclose(model(input_ids=ids).logits, changed, atol=1e-5)
 
 
 def test_nucleus_keeps_the_smallest_set_of_top_tokens_reaching_top_p():

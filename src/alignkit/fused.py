@@ -105,8 +105,12 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
     # A plain down projection (not a LoRA layer, outside autocast, whose backward runs in other dtypes) takes
-    # the product into the same function, so the product is not kept either.
-    if type(down) is torch.nn.Linear and down.bias is None and not torch.is_autocast_enabled(x.device.type):
+    # the product into the same function, so the product is not kept either. Without a backward to come there
+    # is nothing to keep, and the module runs as it is (a packed weight of `generation.packed_linears`).
+    if (
+        torch.is_grad_enabled() and type(down) is torch.nn.Linear and down.bias is None
+        and not torch.is_autocast_enabled(x.device.type)
+    ):  # fmt: skip
         return _SwiGLUDown.apply(gate, up, down.weight)
     return down(swiglu(gate, up))
 

@@ -7,8 +7,10 @@ sharing), and a row that has finished leaves the batch. A vLLM backend can imple
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -71,6 +73,39 @@ class Generator(Protocol):
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Sample]: ...
 
 
+def _packed_linear(x: torch.Tensor, *, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[None]:
+    """Inside it, each fp32 `nn.Linear` of a CPU model multiplies by a copy of its weight in oneDNN's blocked
+    layout, made for `rows` input rows (as torch.compile's freezing does on a CPU).
+
+    A decoding step multiplies a few rows by every weight matrix, where the plain fp32 matmul reaches a
+    fraction of the machine's peak: on the 2-core AVX2 CPU the output head of the built-in model took 26 ms
+    instead of 60 for 8 rows, an MLP projection 0.9 ms instead of 1.7. The copies cost one pass over the
+    weights per call and as much memory as the weights while it lasts; a module that already has its own
+    forward (an accelerate hook) keeps it.
+    """
+    linears = [
+        m for m in model.modules()
+        if type(m) is torch.nn.Linear and "forward" not in vars(m)
+        and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+    ]  # fmt: skip
+    if not linears or not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        yield
+        return
+    for m in linears:
+        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+        m.forward = functools.partial(_packed_linear, weight=packed, bias=None if m.bias is None else m.bias.detach())
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
 class TransformersGenerator:
     """Batched sampling with a `transformers` causal LM and its KV cache."""
 
@@ -86,12 +121,13 @@ class TransformersGenerator:
         results: list[Sample | None] = [None] * len(prompts)
         was_training = self.model.training
         self.model.eval()
-        for batch_index, start in enumerate(range(0, len(order), self.batch_size)):
-            chunk = order[start : start + self.batch_size]
-            torch.manual_seed(params.seed + batch_index)
-            outputs = self._generate_batch([encoded[i] for i in chunk], params)
-            for i, completions in zip(chunk, outputs):
-                results[i] = Sample(prompts[i], encoded[i], completions)
+        with packed_linears(self.model, min(len(prompts), self.batch_size) * params.n):
+            for batch_index, start in enumerate(range(0, len(order), self.batch_size)):
+                chunk = order[start : start + self.batch_size]
+                torch.manual_seed(params.seed + batch_index)
+                outputs = self._generate_batch([encoded[i] for i in chunk], params)
+                for i, completions in zip(chunk, outputs):
+                    results[i] = Sample(prompts[i], encoded[i], completions)
         self.model.train(was_training)
         return results  # type: ignore[return-value]
 
