@@ -229,7 +229,7 @@ def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(tmp_path
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the resident high-water mark resets on Linux only")
-def test_each_pipeline_stage_measures_its_own_peak_memory():
+def test_reset_peak_memory_starts_the_peak_afresh_as_each_pipeline_stage_does():
     reset_peak_memory()
     before = peak_memory_mb()
     held = torch.ones(400 * 2**20 // 4)  # 400 MiB touched, then freed

@@ -89,6 +89,8 @@ def test_packed_weights_give_the_same_logits_and_are_dropped_afterwards():
         assert not torch.allclose(changed, plain, atol=1e-3)
         with generation.packed_linears(model, rows=2):
             assert torch.allclose(model(input_ids=ids).logits, changed, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16), generation.packed_linears(model, rows=2):
+            assert not any("forward" in vars(m) for m in model.modules() if type(m) is torch.nn.Linear)
 
 
 def test_nucleus_keeps_the_smallest_set_of_top_tokens_reaching_top_p():

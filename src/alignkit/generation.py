@@ -93,7 +93,11 @@ def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[None]:
         if type(m) is torch.nn.Linear and "forward" not in vars(m)
         and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
     ]  # fmt: skip
-    if not linears or not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    # Under CPU autocast a linear computes in bf16, which the packed fp32 weight would silently bypass.
+    if (
+        not linears or torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.is_available()
+        or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    ):  # fmt: skip
         yield
         return
     for m in linears:

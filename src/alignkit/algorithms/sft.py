@@ -31,7 +31,7 @@ class SFTConfig(EngineConfig, DataOptions, ModelOptions):
 
     packing: bool = False
     """pack several short examples into each row (attention never crosses example boundaries: checked at start-up,
-    a model whose attention would refuses it)"""
+    and a model whose attention would let packed examples see each other is refused)"""
     padding_free: bool = True
     """lay each micro-batch's rows end to end in rows of at most --max-length (restarting positions, no padding):
     the same examples and loss as right-padded rows, less compute and memory"""
