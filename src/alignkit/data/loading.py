@@ -7,6 +7,8 @@ Common layouts are recognised by their field names:
   is split out as the prompt -> `PreferencePair`
 - `prompt`/`responses` (best first) -> `Ranking`; `prompt`/`completion`/`label` -> `LabelledCompletion`
 - `question`/`final` (GSM8K), `prompt`/`answer` -> `PromptWithAnswer`; `text` -> `PlainText`
+- IFEval's `prompt`/`instruction_id_list`/`kwargs` -> `PromptWithAnswer` whose answer is the JSON of the
+  instructions, as the `ifeval` reward reads it
 A `field_map` renames the user's fields to these names first.
 
 A record that cannot be used is an error naming the file and line; with `skip_invalid=True` it is skipped
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from alignkit.data.builtin import builtin_path
 from alignkit.data.records import (
     Conversation,
     LabelledCompletion,
@@ -62,8 +65,8 @@ class LoadReport:
 
 
 def read_rows(source: str) -> Iterator[tuple[int, Any]]:
-    """Yield (line or row number, raw row) from a file or a `datasets` dataset."""
-    path = Path(source)
+    """Yield (line or row number, raw row) from a file, a built-in dataset (`builtin:NAME`) or a `datasets` dataset."""
+    path = builtin_path(source) or Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".ndjson"):
@@ -262,7 +265,21 @@ def parse_labelled(row: dict) -> LabelledCompletion:
     return LabelledCompletion(_prompt(row), _text(row, "completion"), label)
 
 
+def _ifeval_answer(row: dict) -> str:
+    """An IFEval row's instructions as the JSON reference answer that the `ifeval` reward reads."""
+    ids, kwargs = row["instruction_id_list"], row.get("kwargs")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise InvalidRecord("field 'instruction_id_list' must be a non-empty list of instruction ids")
+    if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
+        raise InvalidRecord(
+            f"field 'kwargs' must be a list of {len(ids)} objects, one per instruction id ({{}} for none)"
+        )
+    return json.dumps({"instruction_id_list": ids, "kwargs": kwargs})
+
+
 def parse_prompt_answer(row: dict) -> PromptWithAnswer:
+    if "instruction_id_list" in row:
+        return PromptWithAnswer(_prompt(row), _ifeval_answer(row))
     if "question" in row:
         answer = row.get("final", row.get("answer"))
         return PromptWithAnswer(user_prompt(_text(row, "question")), _text({"answer": answer}, "answer"))
@@ -282,6 +299,8 @@ def parse_prompt(row: dict) -> PromptWithAnswer:
     if "question" in row:
         return PromptWithAnswer(user_prompt(_text(row, "question")), str(row.get("final", row.get("answer", ""))))
     if "prompt" in row:
+        if "instruction_id_list" in row:
+            return PromptWithAnswer(_prompt(row), _ifeval_answer(row))
         answer = row.get("answer", row.get("final", ""))
         return PromptWithAnswer(_prompt(row), answer if isinstance(answer, str) else str(answer))
     raise InvalidRecord("no prompt field: expected 'prompt', 'instruction', 'question' or 'messages'")

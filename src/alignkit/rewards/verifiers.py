@@ -671,6 +671,8 @@ SCORER_KINDS: dict[str, str] = {
     "format": "format  1 if the completion matches R1's <think>…</think><answer>…</answer> (format:REGEX: yours)",
     "python": "python:MODULE:FUNCTION or python:FILE.py:FUNCTION  your function f(prompts, completions, references)",
     "rm": "rm:PATH  a trained reward model (the output directory of `alignkit rm`)",
+    "ifeval": "ifeval  the fraction of the prompt's IFEval instructions followed (ifeval:loose: IFEval's loose mode)",
+    "ifeval_all": "ifeval_all  1 if all of the prompt's IFEval instructions are followed, else 0 (ifeval_all:loose)",
 }
 
 _WEIGHT = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -737,6 +739,12 @@ def _parse_term(term: str, spec: str) -> tuple[Scorer, float]:
         return PythonFunction(argument("a function")), weight
     if kind == "rm":
         return _load_reward_model(argument("a path")), weight
+    if kind in ("ifeval", "ifeval_all"):
+        if arg not in ("", "loose"):
+            raise AlignkitError(f"{kind} takes no argument or 'loose', got '{arg}'", where=f"reward spec {spec!r}")
+        from alignkit.rewards.ifeval import IFEvalScorer  # imported here: ifeval.py imports this module
+
+        return IFEvalScorer(all_or_nothing=kind == "ifeval_all", loose=arg == "loose"), weight
     hint = " (a weight is a number: KIND*0.5)" if "*" in kind else ""
     raise AlignkitError(f"unknown reward '{kind}'{hint}", where=f"reward spec {spec!r}", fix=_kinds_fix())
 
