@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-isa bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,17 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The tests that compute the same numbers two ways (in pieces and whole, packed and padded rows, shared and
+# repeated prompts, resumed and straight runs, one process and two), again under the kernels of other CPU
+# families: oneDNN limited to AVX2 with ATen's AVX2 code (the AVX2-only EPYCs), and ATen's scalar code, whose
+# sums round differently again. `make test` runs them under this machine's own kernels (AVX-512, AMX).
+ISA_TESTS := tests/test_grpo.py tests/test_ppo.py tests/test_engine.py tests/test_sft.py tests/test_dpo.py \
+	tests/test_kto.py tests/test_rm.py tests/test_generation.py tests/test_fused.py tests/test_losses_policy.py \
+	tests/test_losses_preference.py
+test-isa: setup
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m "not slow" $(ISA_TESTS)
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m "not slow" $(ISA_TESTS)
 
 # The benchmark against TRL (bench/README.md), never part of `make test`. It has its own environment so TRL
 # never becomes a dependency of the library; alignkit and TRL both run in it, on identical library versions.

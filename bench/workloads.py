@@ -9,12 +9,8 @@ sampler. So both train on the same tokens, in the same batches, from the same we
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
-if not SHARED.exists():  # a checkout elsewhere: /work/shared/data is where the data lives on this machine
-    SHARED = Path("/work/shared/data")
+from alignkit.data.builtin import BUILTIN
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -64,13 +60,14 @@ class Workload:
 
 def workloads(steps: int | None = None) -> dict[str, Workload]:
     """The workloads, with `steps` timed steps each when given (else each one's default)."""
-    prefs = str(SHARED / "prefs" / "hh_helpful_train.jsonl")
+    # Built-in datasets, so that `make bench` runs in any clone (the files as shipped, read by path by both sides).
+    prefs = str(BUILTIN["hh-helpful"].path)
     table = {
-        "sft": Workload("sft", "sft", str(ROOT / "src/alignkit/resources/sft_instructions.jsonl"), 256, 4, 2e-5, 3),
+        "sft": Workload("sft", "sft", str(BUILTIN["sft-instructions"].path), 256, 4, 2e-5, 3),
         "rm": Workload("rm", "rm", prefs, 256, 4, 1e-4, 3, lora_r=16),
         "dpo": Workload("dpo", "dpo", prefs, 256, 4, 5e-6, 3),
         "dpo-lora": Workload("dpo-lora", "dpo", prefs, 256, 4, 5e-5, 3, lora_r=16),
-        "grpo": Workload("grpo", "grpo", str(SHARED / "gsm8k" / "train.jsonl"), 256, 2, 1e-6, 2, beta=0.04,
+        "grpo": Workload("grpo", "grpo", str(BUILTIN["gsm8k-train"].path), 256, 2, 1e-6, 2, beta=0.04,
                          max_new_tokens=64),
     }
     if steps:

@@ -12,7 +12,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from alignkit.data.constraints import constrained_prompts, decontaminate, read_bases
+from alignkit.data.constraints import constrained_prompts, read_bases
+from alignkit.data.decontaminate import decontaminate
 from alignkit.errors import AlignkitError
 from alignkit.models import RESOURCES
 

@@ -1,4 +1,6 @@
-"""Shared fixtures: the tiny model and tokenizer, the shared data, and a way to run the CLI as a user does."""
+"""Shared fixtures: the tiny model and tokenizer, the built-in data, and a way to run the CLI as a user does.
+
+Tests read only what ships (the built-in datasets), as a user's clone has nothing else."""
 
 from __future__ import annotations
 
@@ -12,16 +14,21 @@ from pathlib import Path
 
 import pytest
 
+from alignkit.data.builtin import BUILTIN
 from alignkit.models import TINY_LLAMA, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 SFT_DATA = ROOT / "src" / "alignkit" / "resources" / "sft_instructions.jsonl"
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return load_tokenizer(TINY_LLAMA)
+
+
+def builtin_rows(name: str) -> list[dict]:
+    """The rows of the built-in dataset `name`, as the file ships them."""
+    return [json.loads(line) for line in BUILTIN[name].path.read_text(encoding="utf-8").splitlines()]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -16,13 +16,12 @@ from alignkit.data.constraints import (
     LANGUAGES,
     RELATIONS,
     Base,
-    NearIndex,
     constrained_prompts,
-    decontaminate,
     describe,
     read_bases,
     usable_base,
 )
+from alignkit.data.decontaminate import NearIndex, decontaminate
 from alignkit.errors import AlignkitError
 from alignkit.rewards.ifeval import INSTRUCTION_TYPES, follow_instructions, parse_reference
 

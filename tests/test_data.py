@@ -13,7 +13,7 @@ from alignkit.data.records import LabelledCompletion, Message, PreferencePair, P
 from alignkit.data.tokenize import IGNORE, encode_conversation, encode_text, pack, truncate, Example
 from alignkit.errors import DataError
 from alignkit.models import SMOLLM2, load_tokenizer
-from conftest import SHARED_DATA, write_jsonl
+from conftest import write_jsonl
 
 
 def test_alpaca_prompt_completion_and_messages_become_conversations(tmp_path):
@@ -46,9 +46,9 @@ def test_hh_dialogues_are_split_into_shared_prompt_and_two_replies(tmp_path):
 
 
 def test_shipped_preference_files_parse():
-    records, _ = load_records(str(SHARED_DATA / "prefs" / "hh_harmless_test.jsonl"), "preference", limit=50)
+    records, _ = load_records("builtin:hh-harmless-test", "preference", limit=50)
     assert all(r.prompt[-1].role == "user" for r in records)
-    records, _ = load_records(str(SHARED_DATA / "prefs" / "alpacaeval_gpt4_test.jsonl"), "preference", limit=5)
+    records, _ = load_records("builtin:alpacaeval-prefs-test", "preference", limit=5)
     assert records[0].prompt[0].role == "user" and records[0].chosen != records[0].rejected
 
 
@@ -65,7 +65,7 @@ def test_rankings_labelled_and_prompt_answer_records(tmp_path):
     path = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "p", "completion": "c", "label": False}])
     (labelled,), _ = load_records(str(path), "labelled")
     assert labelled == LabelledCompletion((Message("user", "p"),), "c", False, origin=f"{path}:1")
-    (gsm,), _ = load_records(str(SHARED_DATA / "gsm8k" / "test_500.jsonl"), "prompt_answer", limit=1)
+    (gsm,), _ = load_records("builtin:gsm8k-test", "prompt_answer", limit=1)
     assert isinstance(gsm, PromptWithAnswer) and gsm.answer == "18"
 
 

@@ -14,7 +14,7 @@ from alignkit.data.loading import load_records
 from alignkit.logprobs import TokenLogprobModel
 from alignkit.models import SMOLLM2, TINY_LLAMA, LoraSettings, apply_lora, load_model
 from alignkit.reference import sequence_logprobs
-from conftest import SHARED_DATA, read_metrics, run_cli, write_jsonl
+from conftest import builtin_rows, read_metrics, run_cli, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def config(tmp_path, data, **overrides) -> DPOConfig:
 
 @pytest.mark.parametrize("loss", ["dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo"])
 def test_every_loss_learns_a_learnable_preference(tmp_path, prefs, loss):
-    overrides = {"ipo": {"beta": 0.5, "lr": 1e-2}, "simpo": {"lr": 3e-3}}.get(loss, {})
+    overrides = {"ipo": {"beta": 0.5, "lr": 1e-2}}.get(loss, {})
     summary = run_dpo(config(tmp_path, prefs, loss=loss, **overrides))
     assert summary["eval_after"]["accuracy"] >= 0.9, summary["eval_after"]
     assert summary["eval_after"]["margin"] > summary["eval_before"]["margin"]
@@ -159,11 +159,11 @@ def test_bad_preference_files_are_clear_errors(tmp_path):
 
 @pytest.mark.slow
 def test_dpo_on_the_built_in_model_raises_held_out_preference_accuracy(tmp_path):
-    held_out = (SHARED_DATA / "prefs" / "alpacaeval_gpt4_test.jsonl").read_text().splitlines()[:32]
+    held_out = builtin_rows("alpacaeval-prefs-test")[:32]
     eval_file = write_jsonl(tmp_path / "eval.jsonl", held_out)
     summary = run_dpo(
         DPOConfig(
-            model=SMOLLM2, data=str(SHARED_DATA / "prefs" / "alpacaeval_gpt4_train.jsonl"), limit=40,
+            model=SMOLLM2, data="builtin:alpacaeval-prefs", limit=40,
             eval_data=str(eval_file), output=str(tmp_path / "out"), lora_r=8, lora_alpha=16,
             max_steps=10, batch_size=4, lr=5e-4, beta=0.1, max_length=128, warmup_ratio=0.0, progress=False,
         )  # fmt: skip

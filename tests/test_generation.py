@@ -12,7 +12,7 @@ from alignkit import generation
 from alignkit.fused import lean_activations
 from alignkit.generation import SamplingParams, TransformersGenerator, next_tokens
 from alignkit.models import TINY_LLAMA, load_model
-from conftest import SHARED_DATA, run_cli
+from conftest import run_cli
 
 PROMPTS = [user_prompt("Tell me a story about a cat."), user_prompt("Hi"), user_prompt("What is the capital of France and why?")]
 
@@ -113,7 +113,7 @@ def test_sampling_is_reproducible_from_the_seed(tiny_tokenizer):
 def test_generate_command_writes_jsonl(tmp_path):
     out = tmp_path / "samples.jsonl"
     result = run_cli(
-        "generate", "--model", TINY_LLAMA, "--prompts", str(SHARED_DATA / "eval" / "vicuna80.jsonl"), "--limit", "3",
+        "generate", "--model", TINY_LLAMA, "--prompts", "builtin:vicuna80", "--limit", "3",
         "--num-samples", "2", "--max-new-tokens", "8", "--output", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -128,7 +128,7 @@ def test_best_of_n_keeps_the_highest_scoring_completion(tmp_path):
     reward.write_text("def length(prompts, completions, references):\n    return [float(len(c)) for c in completions]\n")
     out = tmp_path / "best.jsonl"
     result = run_cli(
-        "generate", "--model", TINY_LLAMA, "--prompts", str(SHARED_DATA / "eval" / "vicuna80.jsonl"), "--limit", "3",
+        "generate", "--model", TINY_LLAMA, "--prompts", "builtin:vicuna80", "--limit", "3",
         "--best-of", "4", "--scorer", f"python:{reward}:length", "--max-new-tokens", "8", "--output", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -143,7 +143,7 @@ def test_rejection_sampling_fine_tunes_on_the_kept_answers(tmp_path):
 
     reward = tmp_path / "r.py"
     reward.write_text("def has_e(prompts, completions, references):\n    return [float('e' in c) for c in completions]\n")
-    config = RSFTConfig(model=TINY_LLAMA, prompts=str(SHARED_DATA / "eval" / "vicuna80.jsonl"), prompt_limit=8,
+    config = RSFTConfig(model=TINY_LLAMA, prompts="builtin:vicuna80", prompt_limit=8,
                         scorer=f"python:{reward}:has_e", min_score=1.0, num_samples=4, max_new_tokens=12,
                         output=str(tmp_path / "out"), max_steps=2, progress=False)  # fmt: skip
     summary = run_rsft(config)

@@ -29,7 +29,7 @@ from alignkit.judge import (
 from alignkit.judge.command import JudgeConfig, ResumableOutput, progress_path, run_agreement, run_compare
 from alignkit.judge.prompts import Template
 from alignkit.models import TINY_LLAMA, load_model
-from conftest import ROOT, SHARED_DATA, run_cli, write_jsonl
+from conftest import ROOT, builtin_rows, run_cli, write_jsonl
 
 CONSTITUTION = ROOT / "examples" / "constitution.yaml"
 
@@ -366,9 +366,13 @@ def test_preferences_by_principle(tmp_path):
 @pytest.mark.slow
 def test_builtin_model_agreement_with_gpt4_labels(tmp_path):
     """The built-in 135M model as a judge of 30 AlpacaEval pairs labelled by GPT-4 (the shortest, to stay fast)."""
-    rows = [json.loads(line) for line in (SHARED_DATA / "prefs" / "alpacaeval_gpt4_test.jsonl").read_text().splitlines()]
+    rows = builtin_rows("alpacaeval-prefs-test")
     rows = sorted(rows, key=lambda r: len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]))[:30]
     labels = write_jsonl(tmp_path / "labels.jsonl", rows)
     summary = run_agreement(JudgeConfig(agreement_with=str(labels), judge="smollm2-135m-instruct", chunk_size=30, batch_size=8))
     print(f"\nsmollm2-135m-instruct vs GPT-4 on 30 AlpacaEval pairs: {json.dumps(summary)}")
-    assert 0.0 <= summary["agreement"] <= 1.0 and summary["pairs"] == 30
+    assert summary["pairs"] == 30 and summary["agree"] + summary["disagree"] + summary["ties"] == 30
+    assert summary["agreement"] == pytest.approx((summary["agree"] + summary["ties"] / 2) / 30)
+    # Asked in both orders, a 135M judge mostly names the same slot both times (position bias, measured: 29 of
+    # 30 pairs), which the protocol turns into ties instead of random verdicts: a one-order judge would tie none.
+    assert summary["ties"] >= 20

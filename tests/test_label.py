@@ -14,7 +14,7 @@ from alignkit.cli import main as cli_main
 from alignkit.data.loading import load_records
 from alignkit.data.records import PreferencePair, Ranking
 from alignkit.errors import AlignkitError, DataError
-from alignkit.label import LabelConfig, run_label
+from alignkit.label import LabelConfig
 from alignkit.label.agreement import cohen_kappa, counts_table, fleiss_kappa, percent_agreement, position_bias, wilson_interval
 from alignkit.label.analysis import agreement_summary, agreement_with, export_rows, position_summary
 from alignkit.label.db import LATEST, create_db_engine, metadata, migrate, schema_version, write_transaction
@@ -333,4 +333,3 @@ def test_config_validation():
     with pytest.raises(AlignkitError, match="--out"):
         LabelConfig(action="export").validate()
     LabelConfig(action="import", inputs=["a.jsonl"]).validate()
-    assert run_label is not None

@@ -19,10 +19,10 @@ from alignkit.demo import headline
 from alignkit.models import RESOURCES, SMOLLM2, TINY_LLAMA
 from alignkit.pipeline.registry import read_runs
 from alignkit.pipeline.spec import parse_command
-from conftest import ROOT, SFT_DATA, SHARED_DATA, chromium_page, loaded_images, read_metrics
+from conftest import ROOT, SFT_DATA, chromium_page, loaded_images, read_metrics
 from test_judge_http import FakeOpenAI
 
-PREFS = SHARED_DATA / "prefs" / "hh_helpful_test.jsonl"
+PREFS = "builtin:hh-helpful-test"
 TWO_STAGES = f"""
 name: two
 output: {{out}}
@@ -211,7 +211,7 @@ def test_every_example_pipeline_resolves_with_its_real_model(capsys, monkeypatch
 
 @pytest.mark.parametrize("example", [p for p in PIPELINES if p != RLAIF], ids=lambda p: p.stem)
 def test_example_runs_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch, example):
-    monkeypatch.chdir(ROOT)  # the examples name ../shared/data relative to the repository root
+    monkeypatch.chdir(tmp_path)  # the examples read built-in datasets only, so they run from any directory
     out = tmp_path / "out"
     code, log = run(capsys, example, "--set", *tiny_overrides(example, out))
     assert code == 0, log

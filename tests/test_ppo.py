@@ -10,9 +10,9 @@ import pytest
 from alignkit.algorithms.ppo import AdaptiveKL, PPOConfig, run_ppo
 from alignkit.errors import AlignkitError
 from alignkit.models import TINY_LLAMA
-from conftest import SFT_DATA, SHARED_DATA, read_metrics
+from conftest import SFT_DATA, read_metrics
 
-PROMPTS = str(SHARED_DATA / "eval" / "vicuna80.jsonl")
+PROMPTS = "builtin:vicuna80"
 
 
 def config(tmp_path, reward, **overrides) -> PPOConfig:
@@ -35,23 +35,31 @@ def test_adaptive_kl_controller_by_hand():
     assert fixed.value == 0.1
 
 
-def test_ppo_raises_the_reward_while_the_kl_penalty_holds_the_policy_near_the_reference(tmp_path, e_reward):
-    # The share of 'e' moves by hundredths, so even β = 0.05 times the sampled per-token KL would drown it.
-    run_ppo(config(tmp_path, e_reward, max_steps=32, kl_coef=0.0))
-    metrics = read_metrics(tmp_path / "out")
-    rewards = [m["reward"] for m in metrics]
-    assert sum(rewards[-8:]) / 8 > sum(rewards[:8]) / 8
-    assert metrics[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
-    assert {"entropy", "clip_frac", "approx_kl", "value_error", "response_length", "kl_coef"} <= set(metrics[-1])
-    strong = tmp_path / "strong"
-    run_ppo(config(strong, e_reward, max_steps=32, kl_coef=2.0))
-    assert read_metrics(strong / "out")[-1]["kl"] < metrics[-1]["kl"]
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
-def test_a_per_prompt_score_baseline_still_raises_the_reward(tmp_path, e_reward):
-    run_ppo(config(tmp_path, e_reward, max_steps=32, kl_coef=0.0, score_baseline="group", num_generations=4, rollout_size=2))
-    rewards = [m["reward"] for m in read_metrics(tmp_path / "out")]  # the raw scores, before the baseline
-    assert sum(rewards[-8:]) / 8 > sum(rewards[:8]) / 8
+# Thresholds of the learning tests, measured over seeds 0-5 (a run on another CPU family samples other tokens
+# once the weights differ in their last bits, like another seed): in 48 steps at lr 1e-2 the reward of the
+# last 8 steps was 1.9-2.8x that of the first 8 (1.75-2.7x with the per-prompt baseline), and the KL penalty
+# at β = 0.5 kept the KL of the last 8 steps at 0.06-0.15x (0.05-0.21x) the KL without it.
+RISE, HELD = 1.5, 0.3
+
+
+@pytest.mark.parametrize("baseline", [{}, {"score_baseline": "group", "num_generations": 4, "rollout_size": 2}], ids=["plain", "group"])
+def test_ppo_raises_the_reward_and_the_kl_penalty_holds_the_policy_near_the_reference(tmp_path, e_reward, baseline):
+    run_ppo(config(tmp_path / "free", e_reward, max_steps=48, kl_coef=0.0, **baseline))
+    free = read_metrics(tmp_path / "free" / "out")
+    rewards = [m["reward"] for m in free]  # the raw scores, before any baseline
+    assert mean(rewards[-8:]) > RISE * mean(rewards[:8]), rewards
+    assert free[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout comes from the reference itself
+    assert {"entropy", "clip_frac", "approx_kl", "value_error", "response_length", "kl_coef"} <= set(free[-1])
+    run_ppo(config(tmp_path / "held", e_reward, max_steps=48, kl_coef=0.5, **baseline))
+    held = read_metrics(tmp_path / "held" / "out")
+    assert mean([m["kl"] for m in held[-8:]]) < HELD * mean([m["kl"] for m in free[-8:]])
+
+
+def test_a_per_prompt_score_baseline_needs_several_samples_per_prompt(tmp_path, e_reward):
     with pytest.raises(AlignkitError, match="num-generations"):
         config(tmp_path, e_reward, score_baseline="group")
 
@@ -80,7 +88,8 @@ def test_options_that_cannot_work_are_refused(tmp_path, e_reward):
 
 def test_held_out_checkpoints_between_minibatches_leave_training_unchanged(tmp_path, e_reward):
     # Four steps per rollout, evaluated every other step: the evaluation falls between two minibatches of one
-    # rollout, whose LoRA dropout draws from the torch RNG that generation reseeds.
+    # rollout, whose LoRA dropout draws from the torch RNG that generation reseeds. Both runs compute the same
+    # tensors in the same shapes, so their losses are equal to the bit on any CPU.
     common = dict(lora_r=4, lora_dropout=0.5, max_steps=8, eval_prompts=PROMPTS, eval_limit=3)
     run_ppo(config(tmp_path / "tracked", e_reward, eval_every=2, gold_reward=e_reward, **common))
     run_ppo(config(tmp_path / "plain", e_reward, **common))

@@ -13,10 +13,10 @@ import sys
 from alignkit.cli import main
 from alignkit.models import TINY_LLAMA
 from alignkit.pipeline.registry import git_revision, read_runs, registry_path, start_run
-from conftest import SHARED_DATA, run_cli
+from conftest import run_cli
 
-PROMPTS = SHARED_DATA / "eval" / "vicuna80.jsonl"
-GENERATE = ["generate", "--model", TINY_LLAMA, "--prompts", str(PROMPTS), "--limit", "2", "--max-new-tokens", "4"]
+PROMPTS = "builtin:vicuna80"
+GENERATE = ["generate", "--model", TINY_LLAMA, "--prompts", PROMPTS, "--limit", "2", "--max-new-tokens", "4"]
 
 
 def test_commands_are_recorded_with_config_versions_and_outcome(tmp_path, capsys):

@@ -24,10 +24,10 @@ from alignkit.cli import main
 from alignkit.data.comparisons import encode_comparisons
 from alignkit.data.loading import load_records
 from alignkit.data.records import Message, PreferencePair, Ranking, user_prompt
-from alignkit.data.tokenize import collate, collate_packed, encode_prompt_completion, shared_prompt_length
+from alignkit.data.tokenize import IGNORE, collate, collate_packed, encode_prompt_completion, shared_prompt_length
 from alignkit.models import SMOLLM2, TINY_LLAMA, load_model
 from alignkit.rewards.reward_model import CombinedReward, RewardModel, build_reward_model, load_reward_model
-from conftest import ROOT, SHARED_DATA, read_metrics, write_jsonl
+from conftest import ROOT, builtin_rows, read_metrics, write_jsonl
 
 TOPICS = ["cats", "rivers", "music", "tea", "trains", "stars", "bread", "rain", "chess", "maps", "boats", "owls"]
 
@@ -108,9 +108,11 @@ def test_packed_batches_give_the_padded_rewards_loss_and_gradients(tiny_tokenize
     padded = collate_for_rm(comparisons, tiny_tokenizer.pad_token_id, use_margins=True)
     packed = collate_for_rm(comparisons, tiny_tokenizer.pad_token_id, use_margins=True, pack_to=budget, share_prompts=share_prompts)
     assert packed.n_tokens == padded.n_tokens
-    # With shared prompts a comparison's prompt is in the row once: the other answers' copies are not computed.
-    saved = sum((len(c.responses) - 1) * shared_prompt_length(c.responses) for c in comparisons) if share_prompts else 0
-    assert saved > 0 or not share_prompts
+    # With shared prompts a comparison's prompt is in the row once. Labels start at the prompt's last token (it
+    # predicts the answer's first); the tokens before it are the shared part, not computed again for the others.
+    prompts = [next(i for i, label in enumerate(c.responses[0].labels) if label != IGNORE) for c in comparisons]
+    saved = sum((len(c.responses) - 1) * n for c, n in zip(comparisons, prompts)) if share_prompts else 0
+    assert [shared_prompt_length(c.responses) for c in comparisons] == prompts and min(prompts) > 0
     assert (packed.batch.attention_mask is None) != share_prompts
     if budget > packed.n_tokens:  # one row, not a single padding token
         assert packed.batch.input_ids.shape == (1, packed.n_tokens - saved)
@@ -472,18 +474,20 @@ def test_eval_and_score_refuse_a_model_that_is_not_a_reward_model(tmp_path, caps
 
 
 @pytest.mark.slow
-def test_reward_model_on_the_built_in_model_with_lora_on_alpacaeval_pairs(tmp_path):
-    lines = (SHARED_DATA / "prefs" / "alpacaeval_gpt4_train.jsonl").read_text().splitlines()
-    test_lines = (SHARED_DATA / "prefs" / "alpacaeval_gpt4_test.jsonl").read_text().splitlines()
-    train_file = write_jsonl(tmp_path / "train.jsonl", lines[:24])
-    test_file = write_jsonl(tmp_path / "test.jsonl", test_lines[:16])
+def test_reward_model_on_the_built_in_model_with_lora_fits_its_alpacaeval_pairs(tmp_path):
+    """A real LoRA reward model learns its training pairs. Held-out accuracy after 6 steps on 24 pairs is chance
+    (measured 0.50 on 16 pairs), so the claim is about the pairs it trained on, evaluated after training:
+    measured 0.79 accuracy and a mean margin of 0.81 (at lr 1e-4, 0.71 and 0.32), from a head whose first
+    loss, 1.08, is worse than a coin's 0.69."""
+    train_file = write_jsonl(tmp_path / "train.jsonl", builtin_rows("alpacaeval-prefs")[:24])
     summary = run_rm(RMConfig(
-        model=SMOLLM2, data=str(train_file), eval_data=str(test_file), output=str(tmp_path / "out"), max_steps=6,
-        batch_size=4, max_length=192, lr=1e-4, lora_r=16, lora_alpha=32, warmup_ratio=0.0, progress=False,
+        model=SMOLLM2, data=str(train_file), eval_data=str(train_file), output=str(tmp_path / "out"), max_steps=6,
+        batch_size=4, max_length=192, lr=3e-4, lora_r=16, lora_alpha=32, warmup_ratio=0.0, progress=False,
     ))  # fmt: skip
-    assert summary["eval"]["pairs"] > 0 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    fit = summary["eval"]
+    assert fit["pairs"] == 24 and fit["accuracy"] >= 0.65 and fit["margin"] > 0.3, fit
     assert (tmp_path / "out" / "model" / "reward_model.json").exists()
     print(
-        f"built-in RM (LoRA, 24 pairs, 6 steps): held-out accuracy {summary['eval']['accuracy']:.3f} on "
-        f"{summary['eval']['pairs']} pairs, {summary['tokens_per_s']:.0f} tokens/s, peak {summary['peak_memory_mb']:.0f} MiB"
+        f"built-in RM (LoRA, 24 pairs, 6 steps): accuracy {fit['accuracy']:.3f} and margin {fit['margin']:.3f} on its "
+        f"training pairs, {summary['tokens_per_s']:.0f} tokens/s, peak {summary['peak_memory_mb']:.0f} MiB"
     )

@@ -26,7 +26,7 @@ from alignkit.rewards.verifiers import (
     guard,
     normalize_number,
 )
-from conftest import SHARED_DATA
+from conftest import builtin_rows
 
 
 def prompts(n: int):
@@ -34,8 +34,7 @@ def prompts(n: int):
 
 
 def gsm8k_rows(n: int | None = None) -> list[dict]:
-    lines = (SHARED_DATA / "gsm8k" / "test_500.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines[:n]]
+    return builtin_rows("gsm8k-test")[:n]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,13 +111,13 @@ def test_gsm8k_worked_solutions_score_one_against_their_own_final():
     assert Gsm8kVerifier().score(prompts(20), [r["answer"] for r in rows], shifted).sum().item() == 0.0
 
 
-def test_gsm8k_all_500_test_solutions_and_without_their_hash_line():
-    rows = gsm8k_rows()
+def test_gsm8k_all_600_shipped_solutions_and_without_their_hash_line():
+    rows = gsm8k_rows() + builtin_rows("gsm8k-train")
     answers, finals = [r["answer"] for r in rows], [r["final"] for r in rows]
-    assert Gsm8kVerifier().score(prompts(500), answers, finals).mean().item() == 1.0
+    assert len(rows) == 600 and Gsm8kVerifier().score(prompts(600), answers, finals).mean().item() == 1.0
     # With `#### N` cut off, a model-like worked answer: the fallback still finds nearly all of them
     cut = [a.rsplit("####", 1)[0] for a in answers]
-    assert Gsm8kVerifier().score(prompts(500), cut, finals).mean().item() > 0.98
+    assert Gsm8kVerifier().score(prompts(600), cut, finals).mean().item() > 0.98
 
 
 def test_gsm8k_scores_realistic_completions():

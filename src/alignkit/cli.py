@@ -67,6 +67,10 @@ COMMANDS: dict[str, Command] = {
         "run a YAML pipeline of stages: done stages are skipped, a cut one resumes",
         "alignkit.pipeline.runner:RunConfig:run_pipeline", positional="pipeline", recorded=False,
     ),
+    "data": Command(
+        "the built-in datasets (builtin:NAME), shipped with alignkit", "alignkit.data.builtin:DataConfig:run_data",
+        actions=("list",), recorded=False,
+    ),
     "runs": Command(
         "list the recorded runs (commands, pipelines and their stages)", "alignkit.pipeline.registry:RunsConfig:list_runs",
         recorded=False,

@@ -6,8 +6,8 @@ several wordings. Every row carries IFEval's `instruction_id_list` and `kwargs`,
 (`alignkit.rewards.ifeval`) checks a completion for it exactly as it checks an IFEval prompt: an RL reward that
 says whether each constraint was followed.
 
-IFEval is an evaluation set, so its prompts are never bases: `decontaminate` drops every base or finished
-prompt that repeats one (`NearIndex.near_duplicate` says how).
+IFEval is an evaluation set, so its prompts are never bases: `alignkit.data.decontaminate.decontaminate` drops
+every base or finished prompt that repeats one (`NearIndex.near_duplicate` says how).
 
 Departures from the reference generator (google-research `instruction_following_eval`), on purpose:
 - Each type has three or four wordings of our own instead of one, so a policy learns the constraint rather
@@ -30,17 +30,14 @@ import json
 import random
 import re
 import string
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from alignkit.data.decontaminate import N, THRESHOLD, EvalIndex, ngrams, words
+from alignkit.data.decontaminate import words
 from alignkit.errors import AlignkitError, DataError
-
-T = TypeVar("T")
 
 RELATIONS = ("at least", "less than")
 
@@ -742,57 +739,3 @@ def read_bases(paths: Sequence[Path]) -> list[Base]:
                 seen.add(key)
                 bases.append(Base(text, f"{path.name}:{number}"))
     return bases
-
-
-# Near duplicates of evaluation prompts. alignkit.data.decontaminate's rule (a text holding half of an evaluation
-# prompt's word 8-grams, or a short prompt whole) catches an IFEval prompt pasted into a training prompt, but two
-# kinds of near duplicate pass it, and `NearIndex.near_duplicate` adds a test for each:
-# - a part of a prompt used as a request: IFEval's prompts are a task plus constraints, so a base that is an
-#   IFEval task without its constraints holds too few of the prompt's 8-grams. Here a text half of whose own
-#   8-grams (for a text of 4 to 7 words, whose whole run of words) appear in one evaluation prompt counts too.
-#   Stock constraint phrases shared with IFEval ("my answer is yes my answer is no") are a few 8-grams of a
-#   prompt, far from half.
-# - a short prompt edited in the middle: one word changed in a 10-word prompt breaks all three of its 8-grams.
-#   A Jaccard similarity of word-3-gram sets >= 0.4 counts: one substituted word in IFEval's shortest prompt
-#   (10 words) leaves 5/11 = 0.45, while no request in our instruction files comes above 0.17 with any IFEval
-#   prompt, nor any generated prompt above 0.3.
-NEAR_JACCARD = 0.4
-
-
-class NearIndex(EvalIndex):
-    """Evaluation prompts prepared for `near_duplicate`: `EvalIndex`'s 8-grams plus each prompt's word 3-grams."""
-
-    def __init__(self, prompts: Sequence[str]):
-        # NFKC folds typographic variants (full-width letters, ligatures) so that they cannot hide a copy.
-        super().__init__(unicodedata.normalize("NFKC", p) for p in prompts)
-        self.trigrams = [ngrams(tokens, 3) for tokens in self.prompts]
-        self.trigram_owners: dict[tuple[str, ...], list[int]] = {}
-        for i, grams in enumerate(self.trigrams):
-            for gram in grams:
-                self.trigram_owners.setdefault(gram, []).append(i)
-
-    def near_duplicate(self, text: str) -> bool:
-        """Whether `text` repeats an indexed prompt: holds it (`EvalIndex.contaminating`), is mostly held in
-        it, or is as similar as a lightly edited copy (the comment above `NEAR_JACCARD` says why these)."""
-        text = unicodedata.normalize("NFKC", text)
-        if self.contaminating(text):
-            return True
-        tokens = words(text)
-        grams = ngrams(tokens)
-        shared = Counter(i for gram in grams for i in self.owners.get(gram, ()))
-        if grams and max(shared.values(), default=0) >= THRESHOLD * len(grams):
-            return True
-        if 4 <= len(tokens) < N:
-            run = f" {' '.join(tokens)} "
-            if any(run in f" {' '.join(prompt)} " for prompt in self.prompts):
-                return True
-        trigrams = ngrams(tokens, 3)
-        common = Counter(i for gram in trigrams for i in self.trigram_owners.get(gram, ()))
-        return any(n / (len(trigrams) + len(self.trigrams[i]) - n) >= NEAR_JACCARD for i, n in common.items())
-
-
-def decontaminate(items: Sequence[T], eval_prompts: Sequence[str], text: Callable[[T], str]) -> tuple[list[T], int]:
-    """The items whose `text` is not a near duplicate of any evaluation prompt, and how many were dropped."""
-    index = NearIndex(eval_prompts)
-    kept = [item for item in items if not index.near_duplicate(text(item))]
-    return kept, len(items) - len(kept)
