@@ -19,6 +19,12 @@ then the baseline does the same on the model's token ids. The KL therefore needs
 tokenizer (same vocabulary); when they do not, it is left out and the reason is recorded.
 
 Writes ``OUTPUT/eval.json`` (every number) and ``OUTPUT/samples.jsonl`` (one row per prompt).
+
+With ``--benchmark ifeval`` the benchmark's own rules judge instead (`run_benchmark`, numbers in
+`evaluation/ifeval.py`): the model, and optionally a baseline, answer IFEval's prompts (or their answers are read
+from ``--responses`` / ``--baseline-responses``), and eval.json holds the paper's four accuracies with bootstrap
+intervals, the paired differences, a per-instruction-type table, lengths, cut answers and timing; beside
+samples.jsonl it writes ``OUTPUT/responses.jsonl`` in the benchmark's input_response_data format.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +45,7 @@ from alignkit.data.loading import load_records
 from alignkit.data.records import PromptWithAnswer
 from alignkit.data.tokenize import IGNORE, collate, truncate
 from alignkit.errors import AlignkitError
-from alignkit.evaluation import metrics
+from alignkit.evaluation import ifeval, metrics
 from alignkit.evaluation.diagnostics import length_reward_correlation
 from alignkit.evaluation.tracking import evaluate_rewards
 from alignkit.generation import SamplingParams, Sample, TransformersGenerator, rollout_rows
@@ -48,6 +55,10 @@ from alignkit.models import load_model, load_tokenizer
 from alignkit.rewards.verifiers import build_scorer
 
 
+BENCHMARKS = ("ifeval",)
+"""what --benchmark runs"""
+
+
 @dataclass
 class EvalConfig:
     """Options of `alignkit eval`."""
@@ -55,11 +66,17 @@ class EvalConfig:
     model: str = ""
     """the model to evaluate: a directory, a hub id, an alignkit output directory, or a built-in alias"""
     baseline: str = ""
-    """the model it is compared with (e.g. the model before alignment, or the SFT model)"""
+    """the model it is compared with (e.g. the model before alignment, or the SFT model); optional with --benchmark"""
     prompts: str = ""
-    """prompts both models answer: JSONL/JSON/Parquet with a 'prompt', 'instruction', 'question' or 'messages' field"""
+    """prompts both models answer: JSONL/JSON/Parquet with a 'prompt', 'instruction', 'question' or 'messages' field (with --benchmark ifeval: builtin:ifeval unless given, or a file of IFEval rows such as a subset)"""
     judge: str = ""
     """scorer that rates each answer: rm:PATH, python:file.py:function, gsm8k, exact, format:REGEX, or a weighted sum"""
+    benchmark: str = ""
+    """score by a benchmark's own rules instead of --judge: 'ifeval' (Zhou et al. 2023: 541 prompts with verifiable instructions; prompt- and instruction-level accuracy, strict and loose, with bootstrap CIs)"""
+    responses: str = ""
+    """with --benchmark: score these answers instead of generating with --model: JSONL of {"prompt", "response"} rows (IFEval's input_response_data), matched to the prompts by their text"""
+    baseline_responses: str = ""
+    """with --benchmark: the baseline's answers in the same format, instead of generating with --baseline"""
     gold_judge: str = ""
     """a second, held-out judge (any scorer spec, e.g. an RM trained on other labels) whose win rate is reported beside the judge's: a policy tuned against the judge can fool it but not this one"""
     output: str = ""
@@ -71,7 +88,7 @@ class EvalConfig:
     top_p: float = 1.0
     """nucleus sampling when --temperature > 0"""
     max_new_tokens: int = 256
-    """longest answer in tokens"""
+    """longest answer in tokens; with --benchmark ifeval give 1280 (lm-evaluation-harness's value), as some prompts ask for 800+ words: a cut answer is scored as it stands and counted in the report"""
     batch_size: int = 8
     """prompts per generation and log-prob batch"""
     seed: int = 0
@@ -96,21 +113,44 @@ class EvalConfig:
     """run code shipped with a hub model (off unless you trust it)"""
 
     def validate(self) -> None:
-        missing = [flag for flag, value in (("--model", self.model), ("--baseline", self.baseline),
-                                            ("--prompts", self.prompts), ("--judge", self.judge),
-                                            ("--output", self.output)) if not value]  # fmt: skip
-        if missing:
-            raise AlignkitError(
-                f"missing {', '.join(missing)}",
-                fix="e.g. alignkit eval --model outputs/dpo --baseline outputs/sft --prompts prompts.jsonl "
-                "--judge rm:outputs/rm --output outputs/eval",
-            )
+        if self.benchmark:
+            self._validate_benchmark()
+        elif self.responses or self.baseline_responses:
+            raise AlignkitError("--responses and --baseline-responses hold answers to a benchmark's prompts",
+                                fix="add --benchmark ifeval")  # fmt: skip
+        else:
+            missing = [flag for flag, value in (("--model", self.model), ("--baseline", self.baseline),
+                                                ("--prompts", self.prompts), ("--judge", self.judge),
+                                                ("--output", self.output)) if not value]  # fmt: skip
+            if missing:
+                raise AlignkitError(
+                    f"missing {', '.join(missing)}",
+                    fix="e.g. alignkit eval --model outputs/dpo --baseline outputs/sft --prompts prompts.jsonl "
+                    "--judge rm:outputs/rm --output outputs/eval",
+                )
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.bootstrap_resamples < 1:
             raise AlignkitError("--max-new-tokens, --batch-size and --bootstrap-resamples must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise AlignkitError("--temperature must be ≥ 0 and --top-p in (0, 1]")
         if self.tie_tolerance < 0:
             raise AlignkitError("--tie-tolerance must be ≥ 0")
+
+    def _validate_benchmark(self) -> None:
+        if self.benchmark not in BENCHMARKS:
+            raise AlignkitError(f"unknown benchmark '{self.benchmark}'", fix=f"--benchmark {' or '.join(BENCHMARKS)}")
+        example = "e.g. alignkit eval --benchmark ifeval --model outputs/dpo [--baseline outputs/sft] --output outputs/ifeval"
+        if not self.output:
+            raise AlignkitError("missing --output", fix=example)
+        if bool(self.model) == bool(self.responses):
+            raise AlignkitError("give --model (to generate its answers) or --responses (to score answers you have), one of them",
+                                fix=example)  # fmt: skip
+        if self.baseline and self.baseline_responses:
+            raise AlignkitError("give --baseline (to generate its answers) or --baseline-responses, not both", fix=example)
+        extra = [flag for flag, value in (("--judge", self.judge), ("--gold-judge", self.gold_judge),
+                                          ("--task-prompts", self.task_prompts), ("--heldout-data", self.heldout_data)) if value]  # fmt: skip
+        if extra:
+            raise AlignkitError(f"{', '.join(extra)}: not with --benchmark, whose own rules judge the answers",
+                                fix="leave them out, or measure them in a run of alignkit eval without --benchmark")  # fmt: skip
 
 
 # --- one model's share of the work ----------------------------------------------------------------------
@@ -123,6 +163,8 @@ class ModelSide:
     samples: list[Sample]
     seq_logps: tuple[torch.Tensor, torch.Tensor] | None
     """[N, T] log-probs of the evaluated model's answer tokens under this model (0 off the answer), and the mask."""
+    generation_s: float = 0.0
+    """wall seconds that answering the prompts took (not loading the model, not scoring)"""
     task_accuracy: float | None = None
     heldout_nll: float | None = None
     heldout_tokens: int = 0
@@ -186,14 +228,16 @@ def run_side(
     generator = TransformersGenerator(model, tokenizer, batch_size=config.batch_size)
     params = SamplingParams(1, config.temperature, config.top_p, config.max_new_tokens, config.seed)
     log(f"{name}: answering {len(prompts)} prompts")
+    started = time.perf_counter()
     samples = generator.generate([r.prompt for r in prompts], params)
+    generation_s = time.perf_counter() - started
     scored = TokenLogprobModel(model)
     seq_logps = None
     if score_own:
         score_samples = samples
     if score_samples is not None:
         seq_logps = answer_logprobs(scored, score_samples, tokenizer.pad_token_id, config.batch_size)
-    side = ModelSide(samples, seq_logps)  # type: ignore[arg-type]
+    side = ModelSide(samples, seq_logps, generation_s)  # type: ignore[arg-type]
     if task_records:
         log(f"{name}: task accuracy on {len(task_records)} prompts")
         side.task_accuracy = _task_accuracy(config, generator, task_records)
@@ -333,7 +377,63 @@ def print_table(result: dict[str, Any], out=None) -> None:
         print(f"{key:<{width}}  {value}", file=out)
 
 
+def _benchmark_side(config: EvalConfig, name: str, given: list[str] | None, prompts: list[ifeval.IFEvalPrompt], log) -> ifeval.Side:
+    """One side of a benchmark run: the answers read from a file (`given`), or generated by the model `name`."""
+    if given is not None:
+        return ifeval.Side(name, given, ifeval.score(prompts, given))
+    side, _ = run_side(config, name, [p.record for p in prompts], score_samples=None, task_records=None,
+                       heldout_records=None, log=log)  # fmt: skip
+    completions = [sample.completions[0] for sample in side.samples]
+    responses = [c.text for c in completions]
+    return ifeval.Side(name, responses, ifeval.score(prompts, responses), [len(c.token_ids) for c in completions],
+                       [not c.finished for c in completions], side.generation_s)  # fmt: skip
+
+
+def run_benchmark(config: EvalConfig) -> dict[str, Any]:
+    """`alignkit eval --benchmark ifeval`: answer IFEval's prompts (or read the answers) and score them by its rules."""
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    source = config.prompts or ifeval.BUILTIN_PROMPTS
+    every = ifeval.load_prompts(source)
+    prompts = every[: config.limit or None]
+    known = {p.text for p in every}
+    # Response files are read before any model loads: a bad one fails in a second, not after generation.
+    model_given = ifeval.read_responses(config.responses, prompts, known) if config.responses else None
+    baseline_given = ifeval.read_responses(config.baseline_responses, prompts, known) if config.baseline_responses else None
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    model = _benchmark_side(config, config.model or config.responses, model_given, prompts, log)
+    baseline = None
+    if config.baseline or config.baseline_responses:
+        baseline = _benchmark_side(config, config.baseline or config.baseline_responses, baseline_given, prompts, log)
+    result = ifeval.benchmark_numbers([p.instruction_ids for p in prompts], model, baseline,
+                                      n_resamples=config.bootstrap_resamples, seed=config.seed)  # fmt: skip
+    result = clean({
+        **result,
+        "prompts": source,
+        "decoding": {"greedy": config.temperature == 0, "temperature": config.temperature, "top_p": config.top_p,
+                     "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "seed": config.seed},
+        "config": asdict(config),
+    })  # fmt: skip
+    (output / "eval.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_jsonl(ifeval.sample_rows(prompts, model, baseline), str(output / "samples.jsonl"))
+    write_jsonl(ifeval.response_rows(prompts, model), str(output / "responses.jsonl"))
+    if baseline is not None:
+        write_jsonl(ifeval.response_rows(prompts, baseline), str(output / "baseline_responses.jsonl"))
+    print(ifeval.format_table(result))
+    for role, side in (("model", model), ("baseline", baseline)):
+        if side is not None and side.cut and any(side.cut):
+            log(f"{role} {side.name}: {sum(side.cut)} of {len(prompts)} answers were cut at --max-new-tokens {config.max_new_tokens}; "
+                "they are scored as they stand (a cut answer usually breaks length and ending instructions); "
+                "where they are long answers rather than repetition loops (see samples.jsonl), raise --max-new-tokens (e.g. 1280)")  # fmt: skip
+    written = "samples.jsonl, responses.jsonl" + (" and baseline_responses.jsonl" if baseline is not None else "")
+    log(f"wrote {output / 'eval.json'}, {written} ({len(prompts)} prompts)")
+    return result
+
+
 def run_eval(config: EvalConfig) -> dict[str, Any]:
+    if config.benchmark:
+        return run_benchmark(config)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     prompts, _ = load_records(config.prompts, "prompt", limit=config.limit or None)
     if not prompts:

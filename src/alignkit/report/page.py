@@ -14,6 +14,7 @@ from typing import Any
 
 from alignkit.errors import AlignkitError
 from alignkit.evaluation.diagnostics import CHECKPOINTS_FILE, Alarm, checkpoint_alarms, length_drift_alarm, mode_collapse_alarm
+from alignkit.evaluation.ifeval import LEVELS, sorted_types
 
 PLOTTED = ("loss", "lr", "reward", "kl", "accuracy", "length", "entropy", "win_rate")
 """A metrics.jsonl key is plotted when one of these words is in it (e.g. eval_loss, reward_std, kl_coef)."""
@@ -215,6 +216,7 @@ table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid 
 .quiet { color: #666; font-size: .9em; }
 .samples td { white-space: pre-wrap; max-width: 30em; overflow-wrap: anywhere; font-size: .9em; }
 .big { font-size: 1.4em; font-weight: bold; }
+.verdicts { margin: 0 0 .4em; padding-left: 1.2em; white-space: normal; } .ok { color: #1b5e20; } .broken { color: #b71c1c; }
 """
 
 
@@ -292,9 +294,108 @@ def compute_section(summary: dict) -> str:
     return "<h2>Compute</h2>\n" + table(rows) + note
 
 
+def _interval(numbers: Any, signed: bool = False) -> str:
+    """'0.300 [0.175, 0.450]' from {"value", "ci95"}; '-' where eval.json has no such number."""
+    if not isinstance(numbers, dict) or not isinstance(numbers.get("value"), (int, float)):
+        return "-"
+    spec = "+.3f" if signed else ".3f"
+    low, high = (numbers.get("ci95") or [None, None])[:2]
+    bounds = f" [{low:{spec}}, {high:{spec}}]" if isinstance(low, (int, float)) and isinstance(high, (int, float)) else ""
+    return f"{numbers['value']:{spec}}{bounds}"
+
+
+def _grid(head: list[str], rows: list[list[Any]]) -> str:
+    """A table with a header row; numbers right-aligned, a missing number as '-', every cell escaped."""
+    out = ["<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
+    for row in rows:
+        cells = [f'<td class="num">{fmt(c)}</td>' if isinstance(c, (int, float)) and not isinstance(c, bool)
+                 else f"<td>{'-' if c is None else fmt(c)}</td>" for c in row]  # fmt: skip
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _verdicts(sample: dict) -> str:
+    """The answer of one side with each instruction marked followed (✓) or broken (✗), strict then loose."""
+    strict, loose = sample.get("follow_instruction_list_strict") or [], sample.get("follow_instruction_list_loose") or []
+    items = []
+    for type_id, ok, ok_loose in zip(sample.get("instruction_id_list") or [], strict, loose):
+        note = "" if ok == ok_loose else f" (loose {'✓' if ok_loose else '✗'})"
+        items.append(f'<li class="{"ok" if ok else "broken"}">{"✓" if ok else "✗"} {esc(type_id)}{esc(note)}</li>')
+    length = f"{sample['tokens']} tokens" if isinstance(sample.get("tokens"), int) else ""
+    cut = ", cut at --max-new-tokens" if sample.get("cut") else ""
+    tail = f'\n<span class="quiet">{esc(length + cut)}</span>' if length or cut else ""
+    return f'<td><ul class="verdicts">{"".join(items)}</ul>{esc(sample.get("response", ""))}{tail}</td>'
+
+
+def ifeval_section(evaluation: dict, samples: list[dict], limit: int) -> str:
+    """An IFEval result (`alignkit eval --benchmark ifeval`): the four accuracies with their intervals, the paired
+    differences, lengths and cut answers, the per-type table (largest gain first), and answers with their verdicts."""
+    sides = [side for side in ("model", "baseline") if isinstance(evaluation.get(side), dict)]
+    paired = isinstance(evaluation.get("difference"), dict)
+    boot = evaluation.get("bootstrap") or {}
+    confidence = boot.get("confidence")
+    confidence = f"{confidence:.0%}" if isinstance(confidence, (int, float)) else "?"
+    names = " against ".join(f"<b>{esc(evaluation[side].get('name', side))}</b>" for side in sides)
+    parts = [
+        "<h2>IFEval</h2>",
+        f"<p>{names} on {esc(evaluation.get('n', '?'))} prompts with {esc(evaluation.get('instructions', '?'))} "
+        f"verifiable instructions (Zhou et al. 2023). Intervals: {esc(confidence)} percentile bootstrap "
+        f"over prompts, {esc(boot.get('resamples', '?'))} resamples, seed {esc(boot.get('seed', '?'))}"
+        + ("; each difference is paired (both sides on the same resampled prompts)." if paired else ".") + "</p>",
+    ]
+    head = ["", *sides] + (["model − baseline"] if paired else [])
+    rows = []
+    for key, label in LEVELS.items():
+        row: list[Any] = [label, *(_interval((evaluation[side].get("accuracy") or {}).get(key)) for side in sides)]
+        if paired:
+            row.append(_interval(evaluation["difference"].get(key), signed=True))
+        rows.append(row)
+    parts.append(_grid(head, rows))
+
+    def side_value(side: str, group: str, key: str) -> Any:
+        return (evaluation[side].get(group) or {}).get(key)
+
+    measures = [("mean completion tokens", "lengths", "mean_tokens"), ("mean words", "lengths", "mean_words"),
+                ("answers cut at --max-new-tokens", "lengths", "cut"), ("share cut", "lengths", "cut_share"),
+                ("generation wall time (s)", "timing", "generation_s"), ("tokens / s", "timing", "tokens_per_s")]  # fmt: skip
+    parts.append("<h3>Lengths and time</h3>")
+    parts.append(_grid(["", *sides], [[label, *(side_value(side, group, key) for side in sides)] for label, group, key in measures]))
+    if any(side_value(side, "lengths", "cut") is not None for side in sides):
+        limit_tokens = (evaluation.get("decoding") or {}).get("max_new_tokens")
+        parts.append(f'<p class="quiet">A cut answer (one that reached --max-new-tokens {esc(limit_tokens)} before it ended) '
+                     "is scored as it stands, never dropped; it usually breaks length and ending instructions. Answers "
+                     "read from a response file have no token counts.</p>")  # fmt: skip
+
+    per_type = [row for row in evaluation.get("per_type") or [] if isinstance(row, dict)]
+    if per_type:
+        columns = ["instruction", "count", "model_strict", "model_loose"]
+        if paired:
+            columns += ["baseline_strict", "baseline_loose", "difference_strict", "difference_loose"]
+        order = "largest strict gain first" if paired else "least followed first"
+        parts.append(f"<h3>Per instruction type ({order})</h3>")
+        head = [c.replace("_", " ") for c in columns]
+        parts.append(_grid(head, [[row.get(c) for c in columns] for row in sorted_types(per_type)]))
+
+    if samples:
+        shown = samples[:limit]
+        parts.append(f"<h3>Answers ({len(shown)} of {len(samples)}): instructions followed ✓ or broken ✗</h3>")
+        parts.append('<table class="samples"><tr><th>prompt</th><th>model</th>' + ("<th>baseline</th>" if "baseline" in sides else "") + "</tr>")
+        for sample in shown:
+            ids = {"instruction_id_list": sample.get("instruction_id_list")}
+            cells = _verdicts(sample)
+            if "baseline" in sides and isinstance(sample.get("baseline"), dict):
+                cells += _verdicts({**sample["baseline"], **ids})
+            parts.append(f"<tr><td>{esc(sample.get('prompt', ''))}\n<span class=\"quiet\">key {esc(sample.get('key', '?'))}</span></td>{cells}</tr>")
+        parts.append("</table>")
+    return "\n".join(parts)
+
+
 def evaluation_section(evaluation: dict | None, samples: list[dict], limit: int) -> str:
     if not evaluation and not samples:
         return ""
+    if evaluation and evaluation.get("benchmark") == "ifeval":
+        return ifeval_section(evaluation, samples, limit)
     parts = ["<h2>Evaluation</h2>"]
     if evaluation:
         wr, ci = evaluation.get("win_rate"), evaluation.get("win_rate_ci95") or [None, None]
