@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from alignkit.algorithms.dpo import DPOConfig, as_pairs, attach_reference, pair_logps, run_dpo
+from alignkit.algorithms.dpo import DPOConfig, as_pairs, attach_reference, onpolicy_pairs, pair_logps, run_dpo
 from alignkit.data.comparisons import collate_comparisons, encode_comparisons
 from alignkit.data.loading import load_records
 from alignkit.logprobs import TokenLogprobModel
@@ -171,3 +171,56 @@ def test_dpo_on_the_built_in_model_raises_held_out_preference_accuracy(tmp_path)
     before, after = summary["eval_before"]["accuracy"], summary["eval_after"]["accuracy"]
     print(f"built-in DPO: held-out implicit-reward accuracy {before:.3f} -> {after:.3f}")
     assert after > before
+
+
+# --- on-policy DPO (--prompts) ---------------------------------------------------------------------------------
+
+
+def test_onpolicy_pairs_take_the_best_and_the_worst_and_break_ties_by_first_index():
+    rows = [
+        # best 0.9 at index 1 and 3 -> the first (1); worst 0.1 at index 0 and 2 -> the first (0)
+        {"prompt": "p1", "completions": ["a", "b", "c", "d"], "scores": [0.1, 0.9, 0.1, 0.9]},
+        # every score equal: nothing to prefer, no pair
+        {"prompt": "p2", "completions": ["a", "b", "c"], "scores": [0.5, 0.5, 0.5]},
+        # the blank completion would be the worst, but a pair file cannot hold it: the worst of the rest
+        {"prompt": [{"role": "user", "content": "p3"}], "completions": [" ", "x", "y"], "scores": [0.0, 2.0, 1.0]},
+        # only one non-blank completion left: no pair
+        {"prompt": "p4", "completions": ["", "z"], "scores": [0.0, 1.0]},
+    ]
+    assert onpolicy_pairs(rows) == [
+        {"prompt": "p1", "chosen": "b", "rejected": "a", "chosen_score": 0.9, "rejected_score": 0.1},
+        {"prompt": [{"role": "user", "content": "p3"}], "chosen": "x", "rejected": "y", "chosen_score": 2.0, "rejected_score": 1.0},
+    ]
+
+
+def test_onpolicy_dpo_samples_pairs_from_the_model_then_trains_on_them(tmp_path, e_reward, capsys):
+    cfg = DPOConfig(model=TINY_LLAMA, prompts="builtin:ifeval-train", prompt_limit=8, num_samples=4, scorer=e_reward,
+                    sample_max_new_tokens=12, output=str(tmp_path / "out"), max_steps=2, batch_size=2, lr=1e-3,
+                    max_length=1024, progress=False)  # fmt: skip
+    cfg.validate()
+    summary = run_dpo(cfg)
+    pairs_file = tmp_path / "out" / "onpolicy_pairs.jsonl"
+    pairs = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    # random text has a varying share of 'e': most of the 8 prompts give a pair
+    assert 0 < len(pairs) <= 8 and summary["train_pairs"] == len(pairs)
+    assert all(set(p) == {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"} for p in pairs)
+    assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    for p in pairs:  # the scores are the scorer's
+        assert p["chosen_score"] == pytest.approx(p["chosen"].count("e") / len(p["chosen"]))
+    assert f"on-policy pairs: {len(pairs)} of 8 prompts gave a pair" in capsys.readouterr().out
+    assert len(read_metrics(tmp_path / "out")) == 2 and (tmp_path / "out" / "model").exists()
+    # a rerun reuses the pairs instead of sampling again
+    stamp = pairs_file.stat().st_mtime_ns
+    run_dpo(cfg)
+    assert pairs_file.stat().st_mtime_ns == stamp and "reusing" in capsys.readouterr().out
+
+
+def test_onpolicy_options_are_clear_errors(tmp_path, prefs, e_reward):
+    base = ["dpo", "--model", TINY_LLAMA, "--output", str(tmp_path / "o"), "--prompts", "builtin:ifeval-train"]
+    for extra, message in [
+        (["--data", str(prefs), "--scorer", e_reward], "give --data (pairs you have) or --prompts"),
+        ([], "--prompts needs a --scorer"),
+        (["--scorer", e_reward, "--num-samples", "1"], "--num-samples must be at least 2"),
+    ]:
+        result = run_cli(*base, *extra)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -4,6 +4,7 @@ from verdicts worked out by hand; scoring a response file; a tiny-model run with
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from alignkit.evaluation.ifeval import (
     paired_differences,
     per_instruction_type,
     ratio_terms,
+    read_responses,
     resample_indices,
     resampled_ratios,
 )
@@ -208,7 +210,7 @@ def test_a_bad_instruction_in_the_prompt_file_names_its_line(tmp_path):
     (dict(model=TINY_LLAMA, responses="r.jsonl"), "give --model .* or --responses"),
     (dict(), "give --model .* or --responses"),
     (dict(model=TINY_LLAMA, judge="exact"), "--judge: not with --benchmark"),
-    (dict(model=TINY_LLAMA, baseline=TINY_LLAMA, baseline_responses="b.jsonl"), "not both"),
+    (dict(responses="r.jsonl", baseline=TINY_LLAMA, baseline_responses="b.jsonl"), "only scores the model's answers for the KL"),
     (dict(model=TINY_LLAMA, benchmark="alpacaeval"), "unknown benchmark 'alpacaeval'"),
     (dict(model=TINY_LLAMA, benchmark="", responses="r.jsonl"), "add --benchmark ifeval"),
 ])  # fmt: skip
@@ -247,3 +249,43 @@ def test_a_tiny_model_run_against_a_baseline_writes_every_file_and_a_report(tmp_
     assert "<h2>IFEval</h2>" in page and "prompt-level strict" in page and "model − baseline" in page
     assert "Per instruction type (largest strict gain first)" in page and "key 1000" in page
     assert "win rate" not in page  # not the pairwise-judge section
+    # the same model on both sides: its answers are exactly as likely under the baseline, KL 0 on every answer
+    assert saved["kl"]["kl"] == 0.0 and saved["kl"]["per_sequence"] == [0.0] * 5 and saved["kl"]["tokens"] > 0
+    assert "greedy" in saved["kl"]["note"] and [s["kl"] for s in samples] == [0.0] * 5
+
+
+def test_generate_output_is_a_response_file(tmp_path, subset):
+    prompts_file, texts = subset
+    rows = [
+        {"prompt": texts[0], "completions": [ANSWERS[0]], "completion_tokens": [7], "finished": [True]},  # generate
+        {"prompt": texts[1], "completions": ["a", ANSWERS[1]], "scores": [0.0, 1.0], "best": ANSWERS[1], "best_score": 1.0},  # --best-of
+        {"prompt": texts[2], "response": ANSWERS[2]},  # input_response_data
+    ]
+    mixed = write_jsonl(tmp_path / "generated.jsonl", rows)
+    prompts = load_prompts(str(prompts_file))
+    assert read_responses(str(mixed), prompts, set(texts)) == ANSWERS
+    several = write_jsonl(tmp_path / "several.jsonl", [rows[0], {"prompt": texts[1], "completions": ["a", "b"]}])
+    with pytest.raises(AlignkitError, match=r'several.jsonl:2: a response row must be an object with a string "prompt" '
+                                            r'and the answer in "response" .*"best" .*"completions" holding one completion'):
+        read_responses(str(several), prompts, set(texts))
+
+
+def test_a_baseline_model_with_its_answers_from_a_file_is_not_regenerated_and_gives_the_kl(tmp_path, capsys):
+    prompts = [row["prompt"] for row in builtin_rows("ifeval")[:4]]
+    answers = write_jsonl(tmp_path / "start.jsonl", [{"prompt": p, "response": f"Answer {i}, by the start model."}
+                                                     for i, p in enumerate(prompts)])  # fmt: skip
+    out = tmp_path / "ifeval"
+    config = EvalConfig(benchmark="ifeval", model=TINY_LLAMA, baseline=TINY_LLAMA, baseline_responses=str(answers),
+                        limit=4, max_new_tokens=6, output=str(out), bootstrap_resamples=50)  # fmt: skip
+    config.validate()
+    result = run_eval(config)
+    logged = capsys.readouterr()
+    assert logged.err.count("answering 4 prompts") == 1  # the model answered, the baseline did not
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["baseline"]["response"] for s in samples] == [f"Answer {i}, by the start model." for i in range(4)]
+    assert result["baseline"]["name"] == str(answers) and result["baseline"]["timing"]["generation_s"] is None
+    kl = result["kl"]
+    assert kl["kl"] == 0.0 and kl["tokens"] == sum(s["tokens"] for s in samples) + sum(not s["cut"] for s in samples)
+    assert all(math.isfinite(x) for x in (kl["kl"], kl["kl_k3"], kl["kl_per_token"], *kl["per_sequence"]))
+    assert [s["kl"] for s in samples] == kl["per_sequence"]
+    assert "KL(model || baseline)" in logged.out

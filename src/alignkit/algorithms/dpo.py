@@ -5,21 +5,30 @@ go through the policy in one forward pass. The reference log-probs come either f
 training, over the pairs the run trains on (the starting policy *is* the reference, so no second model is
 ever loaded; cached on disk) or, with LoRA, from the same model with its adapter switched off
 (`--reference lora-base`). SimPO and ORPO need no reference, and none is computed.
+
+On-policy DPO (`--prompts`, `--scorer`): the pairs are made first from the starting model's own samples, K per
+prompt, the best-scoring completion chosen and the worst rejected (`onpolicy_pairs`; the highest- and
+lowest-scoring pair of Self-Rewarding LMs, Yuan et al. 2024, and of iterative DPO, Dong et al. 2024), then
+training runs on them exactly as on a `--data` file. One round: the samples come from the starting model only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from alignkit.data.comparisons import Comparison, ComparisonBatch, collate_comparisons, encode_comparisons
+from alignkit.data.loading import load_records
 from alignkit.data.records import PreferencePair, Ranking
 from alignkit.data.tokenize import IGNORE
 from alignkit.engine import EngineConfig, Shuffled, items_trained_on, make_accelerator, train
 from alignkit.errors import AlignkitError
+from alignkit.generation import GenerateConfig, sample_prompts
+from alignkit.io import write_jsonl
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses import preference as L
 from alignkit.losses.preference import PreferenceLoss
@@ -59,6 +68,21 @@ class DPOConfig(EngineConfig, DataOptions, ModelOptions):
     share_prompts: bool = True
     """with --padding-free, put a pair's prompt in a row once for both responses, each seeing only the prompt
     and itself (sdpa or eager attention): the same log-probs, the prompt's work done once"""
+    prompts: str = ""
+    """on-policy DPO, instead of --data: prompts to sample from (any file with prompt/instruction/question/messages
+    rows); --model answers each --num-samples times, and its best- and worst-scoring answers by --scorer make a
+    pair, written to OUTPUT/onpolicy_pairs.jsonl (reused by a rerun; --overwrite samples again)"""
+    scorer: str = ""
+    """with --prompts: the scorer that ranks the samples: ifeval, gsm8k, exact, format, python:module:function,
+    rm:PATH, or a weighted sum"""
+    num_samples: int = 8
+    """with --prompts: K, completions sampled per prompt"""
+    prompt_limit: int = 0
+    """with --prompts: use only the first N prompts (0: all)"""
+    sample_temperature: float = 0.8
+    """with --prompts: sampling temperature of the K completions"""
+    sample_max_new_tokens: int = 256
+    """with --prompts: longest sampled completion in tokens"""
 
     @property
     def kind(self) -> PreferenceLoss:
@@ -69,7 +93,12 @@ class DPOConfig(EngineConfig, DataOptions, ModelOptions):
         return self.beta if self.beta is not None else DEFAULT_BETA.get(self.kind, 0.1)
 
     def validate(self) -> None:
-        self.require_data()
+        if self.prompts:
+            self._validate_onpolicy()
+        else:
+            self.require_data()
+            if self.scorer:
+                raise AlignkitError("--scorer ranks samples of --prompts", fix="add --prompts FILE, or leave --scorer out to train on --data")
         if not self.output:
             raise AlignkitError("no output directory given", fix="pass --output DIR")
         if self.reference == "lora-base" and self.lora_r <= 0:
@@ -78,6 +107,20 @@ class DPOConfig(EngineConfig, DataOptions, ModelOptions):
             raise AlignkitError("--label-smoothing must be in [0, 0.5)")
         if self.effective_beta <= 0:
             raise AlignkitError("--beta must be positive")
+
+    def _validate_onpolicy(self) -> None:
+        if self.data:
+            raise AlignkitError("give --data (pairs you have) or --prompts (pairs sampled from --model), not both")
+        if not self.scorer:
+            raise AlignkitError("--prompts needs a --scorer to rank the samples", fix="e.g. --scorer ifeval")
+        if self.num_samples < 2:
+            raise AlignkitError("--num-samples must be at least 2 to have a best and a worst")
+        if self.sample_temperature <= 0:
+            raise AlignkitError("--sample-temperature must be positive: greedy samples of one prompt are all the same")
+        if self.sample_max_new_tokens < 1 or self.prompt_limit < 0:
+            raise AlignkitError("--sample-max-new-tokens must be at least 1 and --prompt-limit at least 0")
+        if not 0 <= self.eval_fraction < 1:
+            raise AlignkitError("--eval-fraction must be in [0, 1)")
 
 
 @dataclass
@@ -207,7 +250,61 @@ def attach_reference(
         c.ref_logps = logps[starts[i] : starts[i + 1]]
 
 
+def onpolicy_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A preference pair per best-of-K row (`generation.best_of_n`): its best-scoring completion chosen, its
+    worst rejected.
+
+    Ties go to the first completion: chosen is the first of those with the highest score, rejected the first of
+    those with the lowest. Blank completions are left out first (a pair file cannot hold an empty response), and
+    a row gives no pair when the rest are fewer than two, all score the same (nothing to prefer), or the chosen
+    and rejected texts differ only in surrounding whitespace. Each pair: `prompt`, `chosen`, `rejected`,
+    `chosen_score`, `rejected_score`.
+    """
+    pairs = []
+    for row in rows:
+        usable = [i for i, text in enumerate(row["completions"]) if text.strip()]
+        if len(usable) < 2:
+            continue
+        # max/min return the first index among equals: the documented tie-break.
+        best = max(usable, key=lambda i: row["scores"][i])
+        worst = min(usable, key=lambda i: row["scores"][i])
+        chosen, rejected = row["completions"][best], row["completions"][worst]
+        if row["scores"][best] == row["scores"][worst] or chosen.strip() == rejected.strip():
+            continue
+        pairs.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
+                      "chosen_score": row["scores"][best], "rejected_score": row["scores"][worst]})  # fmt: skip
+    return pairs
+
+
+def sample_onpolicy_pairs(config: DPOConfig, pairs_file: Path) -> None:
+    """Sample --num-samples completions per prompt from --model, score them, and write their pairs to `pairs_file`."""
+    prompts, _ = load_records(config.prompts, "prompt", limit=config.prompt_limit or None)
+    sampling = GenerateConfig(
+        model=config.model, prompts=config.prompts, output=str(pairs_file), best_of=config.num_samples,
+        scorer=config.scorer, temperature=config.sample_temperature, max_new_tokens=config.sample_max_new_tokens,
+        seed=config.seed, trust_remote_code=config.trust_remote_code,
+    )  # fmt: skip
+    rows = sample_prompts(sampling, prompts)  # type: ignore[arg-type]
+    pairs = onpolicy_pairs(rows)
+    if not pairs:
+        raise AlignkitError(
+            f"none of the {len(rows)} prompts gave a pair: --scorer {config.scorer} scored each prompt's "
+            f"{config.num_samples} samples alike (or fewer than two were non-blank)",
+            fix="raise --num-samples or --sample-temperature, or use a scorer that tells the samples apart",
+        )
+    write_jsonl(pairs, str(pairs_file))
+    print(f"on-policy pairs: {len(pairs)} of {len(rows)} prompts gave a pair ({len(rows) - len(pairs)} gave none: their "
+          f"{config.num_samples} samples scored alike, or fewer than two were non-blank) -> {pairs_file}")  # fmt: skip
+
+
 def run_dpo(config: DPOConfig) -> dict:
+    if config.prompts:
+        pairs_file = Path(config.output) / "onpolicy_pairs.jsonl"
+        if config.overwrite or not pairs_file.exists():
+            sample_onpolicy_pairs(config, pairs_file)
+        else:
+            print(f"on-policy pairs: reusing {pairs_file} (--overwrite samples again)")
+        config = dataclasses.replace(config, data=str(pairs_file))
     accelerator = make_accelerator(config)
     log = accelerator.print
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)

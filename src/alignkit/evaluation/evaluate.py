@@ -24,7 +24,9 @@ With ``--benchmark ifeval`` the benchmark's own rules judge instead (`run_benchm
 `evaluation/ifeval.py`): the model, and optionally a baseline, answer IFEval's prompts (or their answers are read
 from ``--responses`` / ``--baseline-responses``), and eval.json holds the paper's four accuracies with bootstrap
 intervals, the paired differences, a per-instruction-type table, lengths, cut answers and timing; beside
-samples.jsonl it writes ``OUTPUT/responses.jsonl`` in the benchmark's input_response_data format.
+samples.jsonl it writes ``OUTPUT/responses.jsonl`` in the benchmark's input_response_data format. A baseline
+*model* adds the KL above on the model's answers; given with ``--baseline-responses`` it answers nothing and is
+loaded only for that KL.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ class EvalConfig:
     responses: str = ""
     """with --benchmark: score these answers instead of generating with --model: JSONL of {"prompt", "response"} rows (IFEval's input_response_data), matched to the prompts by their text"""
     baseline_responses: str = ""
-    """with --benchmark: the baseline's answers in the same format, instead of generating with --baseline"""
+    """with --benchmark: the baseline's answers in the same format, instead of generating them; with --baseline too,
+    that model answers nothing and only scores the model's answers for the KL"""
     gold_judge: str = ""
     """a second, held-out judge (any scorer spec, e.g. an RM trained on other labels) whose win rate is reported beside the judge's: a policy tuned against the judge can fool it but not this one"""
     output: str = ""
@@ -144,8 +147,10 @@ class EvalConfig:
         if bool(self.model) == bool(self.responses):
             raise AlignkitError("give --model (to generate its answers) or --responses (to score answers you have), one of them",
                                 fix=example)  # fmt: skip
-        if self.baseline and self.baseline_responses:
-            raise AlignkitError("give --baseline (to generate its answers) or --baseline-responses, not both", fix=example)
+        if self.baseline and self.baseline_responses and self.responses:
+            raise AlignkitError("--baseline with --baseline-responses only scores the model's answers for the KL, "
+                                "which needs the model: --responses gives none",
+                                fix="pass --model instead of --responses, or leave --baseline out")  # fmt: skip
         extra = [flag for flag, value in (("--judge", self.judge), ("--gold-judge", self.gold_judge),
                                           ("--task-prompts", self.task_prompts), ("--heldout-data", self.heldout_data)) if value]  # fmt: skip
         if extra:
@@ -214,7 +219,7 @@ def _heldout_nll(config: EvalConfig, model: TokenLogprobModel, tokenizer, record
 def run_side(
     config: EvalConfig,
     name: str,
-    prompts: list[PromptWithAnswer],
+    prompts: list[PromptWithAnswer] | None,
     *,
     score_samples: list[Sample] | None,
     score_own: bool = False,
@@ -222,15 +227,19 @@ def run_side(
     heldout_records: list | None,
     log=print,
 ) -> tuple[ModelSide, Any]:
-    """Load one model, answer the prompts, and score the log-probs of `score_samples` (its own with `score_own`)."""
+    """Load one model, answer the prompts (none when `prompts` is None), and score the log-probs of `score_samples`
+    (its own with `score_own`)."""
     tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
     model = load_model(name, trust_remote_code=config.trust_remote_code).to(_device())
     generator = TransformersGenerator(model, tokenizer, batch_size=config.batch_size)
-    params = SamplingParams(1, config.temperature, config.top_p, config.max_new_tokens, config.seed)
-    log(f"{name}: answering {len(prompts)} prompts")
-    started = time.perf_counter()
-    samples = generator.generate([r.prompt for r in prompts], params)
-    generation_s = time.perf_counter() - started
+    samples: list[Sample] = []
+    generation_s = 0.0
+    if prompts is not None:
+        params = SamplingParams(1, config.temperature, config.top_p, config.max_new_tokens, config.seed)
+        log(f"{name}: answering {len(prompts)} prompts")
+        started = time.perf_counter()
+        samples = generator.generate([r.prompt for r in prompts], params)
+        generation_s = time.perf_counter() - started
     scored = TokenLogprobModel(model)
     seq_logps = None
     if score_own:
@@ -329,6 +338,28 @@ def kl_numbers(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor)
     }
 
 
+GREEDY_KL_NOTE = "measured on greedy answers: a log-likelihood ratio, not an unbiased KL estimate; use --temperature 1 for one"
+DIFFERENT_TOKENIZERS = "the model and the baseline have different tokenizers, so their log-probs of one answer do not compare"
+
+
+def kl_entry(model: ModelSide, baseline: ModelSide, temperature: float) -> dict[str, Any]:
+    """`kl` of eval.json: `kl_numbers` of the model's answers under the model and under the baseline (both sides'
+    `seq_logps`), with a note when the answers were greedy."""
+    assert model.seq_logps is not None and baseline.seq_logps is not None, "both sides score the model's answers"
+    (logps, mask), (ref_logps, _) = model.seq_logps, baseline.seq_logps
+    kl = kl_numbers(logps, ref_logps, mask)
+    if temperature == 0:
+        # Greedy answers are not samples from π, so the mean log-ratio on them is not an unbiased KL
+        # estimate (it can even be negative); sampled answers (--temperature 1) give one.
+        kl["note"] = GREEDY_KL_NOTE
+    return kl
+
+
+def same_vocabulary(config: EvalConfig, model_tokenizer, baseline: str) -> bool:
+    """Whether `baseline`'s tokenizer has the model's vocabulary: only then do both score the same token ids."""
+    return model_tokenizer.get_vocab() == load_tokenizer(baseline, trust_remote_code=config.trust_remote_code).get_vocab()
+
+
 # --- the command -------------------------------------------------------------------------------------------
 
 
@@ -377,16 +408,43 @@ def print_table(result: dict[str, Any], out=None) -> None:
         print(f"{key:<{width}}  {value}", file=out)
 
 
-def _benchmark_side(config: EvalConfig, name: str, given: list[str] | None, prompts: list[ifeval.IFEvalPrompt], log) -> ifeval.Side:
-    """One side of a benchmark run: the answers read from a file (`given`), or generated by the model `name`."""
+def _benchmark_side(name: str, given: list[str] | None, run: ModelSide | None, prompts: list[ifeval.IFEvalPrompt]) -> ifeval.Side:
+    """One side of a benchmark run: the answers read from a file (`given`), or those a model generated (`run`)."""
     if given is not None:
         return ifeval.Side(name, given, ifeval.score(prompts, given))
-    side, _ = run_side(config, name, [p.record for p in prompts], score_samples=None, task_records=None,
-                       heldout_records=None, log=log)  # fmt: skip
-    completions = [sample.completions[0] for sample in side.samples]
+    assert run is not None, "a side without a response file is generated"
+    completions = [sample.completions[0] for sample in run.samples]
     responses = [c.text for c in completions]
     return ifeval.Side(name, responses, ifeval.score(prompts, responses), [len(c.token_ids) for c in completions],
-                       [not c.finished for c in completions], side.generation_s)  # fmt: skip
+                       [not c.finished for c in completions], run.generation_s)  # fmt: skip
+
+
+def _benchmark_runs(config: EvalConfig, records: list[PromptWithAnswer], baseline_given: bool,
+                    log) -> tuple[ModelSide | None, ModelSide | None, dict[str, Any] | None]:  # fmt: skip
+    """The models' share of a benchmark run, one model in memory at a time: the model's answers (None with
+    --responses), the baseline's (None without --baseline; without answers when they come from a file), and the
+    `kl` of eval.json (None without a baseline model, else its numbers or why it was skipped)."""
+    model_run = model_tok = None
+    if config.model:
+        # The model scores its own answers only when a baseline model will score them too.
+        model_run, model_tok = run_side(config, config.model, records, score_samples=None, score_own=bool(config.baseline),
+                                        task_records=None, heldout_records=None, log=log)  # fmt: skip
+    if not config.baseline:
+        return model_run, None, None
+    skipped = None
+    if model_run is None:
+        skipped = "the model's answers were read from --responses: there is no model to score them under"
+    elif not same_vocabulary(config, model_tok, config.baseline):
+        skipped = DIFFERENT_TOKENIZERS
+    if baseline_given and skipped:
+        return model_run, None, {"skipped": skipped}  # the baseline model would have nothing to do
+    if baseline_given:
+        log(f"{config.baseline}: scoring the model's answers for the KL (its own answers are read from {config.baseline_responses})")
+    baseline_run, _ = run_side(config, config.baseline, None if baseline_given else records,
+                               score_samples=None if skipped else model_run.samples,  # type: ignore[union-attr]
+                               task_records=None, heldout_records=None, log=log)  # fmt: skip
+    kl = {"skipped": skipped} if skipped else kl_entry(model_run, baseline_run, config.temperature)  # type: ignore[arg-type]
+    return model_run, baseline_run, kl
 
 
 def run_benchmark(config: EvalConfig) -> dict[str, Any]:
@@ -402,21 +460,25 @@ def run_benchmark(config: EvalConfig) -> dict[str, Any]:
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
 
-    model = _benchmark_side(config, config.model or config.responses, model_given, prompts, log)
+    model_run, baseline_run, kl = _benchmark_runs(config, [p.record for p in prompts], baseline_given is not None, log)
+    model = _benchmark_side(config.model or config.responses, model_given, model_run, prompts)
     baseline = None
     if config.baseline or config.baseline_responses:
-        baseline = _benchmark_side(config, config.baseline or config.baseline_responses, baseline_given, prompts, log)
+        # Read answers name their file, generated ones their model.
+        baseline = _benchmark_side(config.baseline_responses or config.baseline, baseline_given, baseline_run, prompts)
     result = ifeval.benchmark_numbers([p.instruction_ids for p in prompts], model, baseline,
                                       n_resamples=config.bootstrap_resamples, seed=config.seed)  # fmt: skip
     result = clean({
         **result,
+        **({"kl": kl} if kl is not None else {}),
         "prompts": source,
         "decoding": {"greedy": config.temperature == 0, "temperature": config.temperature, "top_p": config.top_p,
                      "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "seed": config.seed},
         "config": asdict(config),
     })  # fmt: skip
     (output / "eval.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    write_jsonl(ifeval.sample_rows(prompts, model, baseline), str(output / "samples.jsonl"))
+    write_jsonl(ifeval.sample_rows(prompts, model, baseline, result.get("kl", {}).get("per_sequence")),
+                str(output / "samples.jsonl"))  # fmt: skip
     write_jsonl(ifeval.response_rows(prompts, model), str(output / "responses.jsonl"))
     if baseline is not None:
         write_jsonl(ifeval.response_rows(prompts, baseline), str(output / "baseline_responses.jsonl"))
@@ -452,8 +514,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     # The model first: its own answers' log-probs, then the baseline's log-probs of the very same token ids.
     first, model_tok = run_side(config, config.model, prompts, score_samples=None, score_own=True,
                                 task_records=task_records, heldout_records=heldout_records, log=log)  # fmt: skip
-    base_tok = load_tokenizer(config.baseline, trust_remote_code=config.trust_remote_code)
-    same_vocab = model_tok.get_vocab() == base_tok.get_vocab()
+    same_vocab = same_vocabulary(config, model_tok, config.baseline)
     second, _ = run_side(config, config.baseline, prompts, score_samples=first.samples if same_vocab else None,
                          task_records=task_records, heldout_records=heldout_records, log=log)  # fmt: skip
 
@@ -483,15 +544,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         judged = compare(gold[:n], gold[n:], lengths_m, lengths_b, answers_m, answers_b,
                          tie_tolerance=config.tie_tolerance, n_resamples=config.bootstrap_resamples, seed=config.seed)  # fmt: skip
         result["gold"] = {"judge": config.gold_judge, **{k: judged[k] for k in GOLD_KEYS}}
-    if same_vocab and second.seq_logps is not None:
-        (logps, mask), (ref_logps, _) = first.seq_logps, second.seq_logps
-        result["kl"] = kl_numbers(logps, ref_logps, mask)
-        if config.temperature == 0:
-            # Greedy answers are not samples from π, so the mean log-ratio on them is not an unbiased KL
-            # estimate (it can even be negative); sampled answers (--temperature 1) give one.
-            result["kl"]["note"] = "measured on greedy answers: a log-likelihood ratio, not an unbiased KL estimate; use --temperature 1 for one"
-    else:
-        result["kl"] = {"skipped": "the model and the baseline have different tokenizers, so their log-probs of one answer do not compare"}
+    result["kl"] = kl_entry(first, second, config.temperature) if same_vocab else {"skipped": DIFFERENT_TOKENIZERS}
 
     before: dict[str, float] = {}
     after: dict[str, float] = {}

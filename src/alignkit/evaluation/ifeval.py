@@ -53,6 +53,7 @@ __all__ = [
     "per_instruction_type",
     "ratio_terms",
     "read_responses",
+    "response_of",
     "resample_indices",
     "resampled_ratios",
     "response_rows",
@@ -119,13 +120,31 @@ def load_prompts(source: str) -> list[IFEvalPrompt]:
     return prompts
 
 
+RESPONSE_FIELDS = ('a string "prompt" and the answer in "response" (IFEval\'s input_response_data), "best" '
+                   '(alignkit generate --best-of) or "completions" holding one completion (alignkit generate)')
+"""What `read_responses` accepts in a row, as its errors say it."""
+
+
+def response_of(row: dict[str, Any]) -> str | None:
+    """The answer a response row holds: its "response"; else its "best" (an `alignkit generate --best-of` row); else
+    the one string of its "completions" (an `alignkit generate` row). None for anything else."""
+    for field in ("response", "best"):
+        if field in row:
+            return row[field] if isinstance(row[field], str) else None
+    completions = row.get("completions")
+    if isinstance(completions, list) and len(completions) == 1 and isinstance(completions[0], str):
+        return completions[0]
+    return None
+
+
 def read_responses(path: str, prompts: Sequence[IFEvalPrompt], known: Collection[str]) -> list[str]:
-    """The response to each of `prompts` from a file of `{"prompt", "response"}` rows (IFEval's input_response_data).
+    """The response to each of `prompts` from a file of `{"prompt", "response"}` rows (IFEval's input_response_data)
+    or of `alignkit generate` rows (`response_of`).
 
     Rows are matched to prompts by exact prompt text, as the reference implementation does. A row whose prompt is
-    not in `known` (every prompt of the prompt file), a second row for one prompt, or a row without a string
-    response is an error at its line; a row for a known prompt that is not in `prompts` (left out by --limit) is
-    skipped; a prompt of `prompts` that no row answers is an error naming its key.
+    not in `known` (every prompt of the prompt file), a second row for one prompt, or a row without an answer
+    `response_of` accepts is an error at its line; a row for a known prompt that is not in `prompts` (left out by
+    --limit) is skipped; a prompt of `prompts` that no row answers is an error naming its key.
     """
     wanted = {p.text for p in prompts}
     found: dict[str, str] = {}
@@ -133,9 +152,11 @@ def read_responses(path: str, prompts: Sequence[IFEvalPrompt], known: Collection
     for number, row in read_rows(path):
         if isinstance(row, InvalidRecord):
             raise DataError(str(row), path=path, line=number)
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
-            raise DataError('a response row must be an object with string fields "prompt" and "response"', path=path,
-                            line=number, fix="write one {\"prompt\": ..., \"response\": ...} object per line")  # fmt: skip
+        response = response_of(row) if isinstance(row, dict) and isinstance(row.get("prompt"), str) else None
+        if response is None:
+            raise DataError(f"a response row must be an object with {RESPONSE_FIELDS}", path=path, line=number,
+                            fix='write one {"prompt": ..., "response": ...} object per line, or pass the output of '
+                                "alignkit generate with --num-samples 1 or --best-of N")  # fmt: skip
         prompt = row["prompt"]
         if prompt not in known:
             shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
@@ -146,7 +167,7 @@ def read_responses(path: str, prompts: Sequence[IFEvalPrompt], known: Collection
                             fix="keep one response per prompt")  # fmt: skip
         lines[prompt] = number
         if prompt in wanted:
-            found[prompt] = row["response"]
+            found[prompt] = response
     missing = [p.key for p in prompts if p.text not in found]
     if missing:
         shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -341,11 +362,14 @@ def _answer_row(side: Side, i: int) -> dict[str, Any]:
     }
 
 
-def sample_rows(prompts: Sequence[IFEvalPrompt], model: Side, baseline: Side | None = None) -> list[dict[str, Any]]:
-    """samples.jsonl: per prompt its key, text and instructions, the model's answer and verdicts, the baseline's."""
+def sample_rows(prompts: Sequence[IFEvalPrompt], model: Side, baseline: Side | None = None,
+                kl: Sequence[float | None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """samples.jsonl: per prompt its key, text and instructions, the model's answer and verdicts, with `kl` the
+    KL of that answer to the baseline model (nats, `kl_numbers`' per_sequence), and the baseline's answer."""
     return [
         {"key": p.key, "prompt": p.text, "instruction_id_list": p.instruction_ids, "kwargs": p.kwargs,
-         **_answer_row(model, i), **({"baseline": _answer_row(baseline, i)} if baseline is not None else {})}
+         **_answer_row(model, i), **({"kl": kl[i]} if kl is not None else {}),
+         **({"baseline": _answer_row(baseline, i)} if baseline is not None else {})}
         for i, p in enumerate(prompts)
     ]  # fmt: skip
 
@@ -366,7 +390,8 @@ def _optional(value: Any, spec: str) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The printed summary of `benchmark_numbers`' result: the four numbers, lengths, timing and the per-type table."""
+    """The printed summary of `benchmark_numbers`' result: the four numbers, lengths, timing, the KL to a baseline
+    model when the result has one, and the per-type table."""
     sides = ["model"] + (["baseline"] if "baseline" in result else [])
     columns = sides + (["model - baseline"] if "difference" in result else [])
     rows = [["", *columns]]
@@ -385,6 +410,9 @@ def format_table(result: dict[str, Any]) -> str:
         "-" if result[s]["timing"]["generation_s"] is None
         else f"{result[s]['timing']['generation_s']:.1f} ({_optional(result[s]['timing']['tokens_per_s'], '.1f')})" for s in sides
     )])  # fmt: skip
+    if "kl" in result:
+        kl = result["kl"]
+        rows.append(["KL(model || baseline), nats/answer", kl["skipped"] if "skipped" in kl else _optional(kl["kl"], ".4g")])
     confidence = f"{result['bootstrap']['confidence']:.0%}"
     lines = [f"IFEval: {result['n']} prompts, {result['instructions']} instructions; "
              f"[{confidence} bootstrap CI over prompts{', paired for the difference' if 'difference' in result else ''}]"]  # fmt: skip
