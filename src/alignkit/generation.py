@@ -2,7 +2,8 @@
 
 `Generator` is the interface; `TransformersGenerator` implements it with a `transformers` causal LM, its KV
 cache and a small decoding loop of our own. The prompt is encoded once and its cache copied K times (prefix
-sharing), and a row that has finished leaves the batch. A vLLM backend can implement the same interface.
+sharing), a row that has finished leaves the batch, and waiting prompts take the freed rows (continuous
+batching). A vLLM backend can implement the same interface.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import torch
+import transformers
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from alignkit.data.loading import load_records
 from alignkit.data.records import Prompt, PromptWithAnswer
@@ -111,32 +115,112 @@ def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[None]:
 
 
 class TransformersGenerator:
-    """Batched sampling with a `transformers` causal LM and its KV cache."""
+    """Batched sampling with a `transformers` causal LM and its KV cache.
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 8):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    With `refill` (continuous batching), waiting prompts join the running batch as its rows finish, so the batch
+    stays full until the prompts run out; without it, prompts go in fixed batches of `batch_size`, each decoded
+    until its longest answer ends. Both give each row the logits it would have alone (see `_Rows`), so greedy
+    answers do not depend on either choice, and sampled ones depend only on the seed (see `_sample_all`).
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 8,
+                 refill: bool = True):  # fmt: skip
+        self.model, self.tokenizer, self.batch_size, self.refill = model, tokenizer, batch_size, refill
         self.stop_ids = sorted({tokenizer.eos_token_id, *(_as_list(model.generation_config.eos_token_id))} - {None})
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Sample]:
         encoded = [prompt_ids(self.tokenizer, p) for p in prompts]
-        # Longest first, so each batch holds prompts of similar length and little padding.
+        if self.refill:
+            _kv_layers(DynamicCache(config=self.model.config))  # a cache layout joins cannot merge fails here, early
+        # Longest first: a fixed batch then holds prompts of similar length and little padding, and a prompt that
+        # joins a running batch is no longer than the rows there, so it only ever pads itself.
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-        results: list[Sample | None] = [None] * len(prompts)
         was_training = self.model.training
         self.model.eval()
         with packed_linears(self.model, min(len(prompts), self.batch_size) * params.n):
-            for batch_index, start in enumerate(range(0, len(order), self.batch_size)):
-                chunk = order[start : start + self.batch_size]
-                torch.manual_seed(params.seed + batch_index)
-                outputs = self._generate_batch([encoded[i] for i in chunk], params)
-                for i, completions in zip(chunk, outputs):
-                    results[i] = Sample(prompts[i], encoded[i], completions)
+            answers = self._sample_all(encoded, order, params)
         self.model.train(was_training)
-        return results  # type: ignore[return-value]
+        return [
+            Sample(prompt, ids, [
+                Completion(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, stop is not None, stop)
+                for tokens, stop in (answers[i, k] for k in range(params.n))
+            ])
+            for i, (prompt, ids) in enumerate(zip(prompts, encoded))
+        ]  # fmt: skip
 
-    def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def _sample_all(self, encoded: list[list[int]], order: Sequence[int],
+                    params: SamplingParams) -> dict[tuple[int, int], tuple[list[int], int | None]]:  # fmt: skip
+        """Each (prompt, sample)'s tokens and stop token, admitting the prompts in `order` as `_admissions` allows.
+
+        A row that stops, or reaches `max_new_tokens`, leaves the batch and the cache at once: `model.generate`
+        would keep it in every forward pass until the longest row ends.
+
+        Seeding: `params.seed` draws one seed per prompt, by its index in `encoded`; a prompt's seed draws the
+        uniforms of its K completions, one per token (`next_tokens` samples by inverse CDF). A completion thus
+        uses the same draws whatever the batch size, `refill`, the order of admission or the rows that finish
+        around it; only rounding in logits computed in a differently shaped batch could move a draw across a
+        token's boundary.
+        """
         device = next(self.model.parameters()).device
+        seeds = torch.randint(2**62, (len(encoded),), generator=torch.Generator().manual_seed(params.seed)).tolist()
+        stop_ids = torch.tensor(self.stop_ids, device=device)
+        waiting = deque(order)
+        generated: dict[tuple[int, int], list[int]] = {}
+        stops: dict[tuple[int, int], int | None] = {}
+        rows: _Rows | None = None
+        cache = DynamicCache(config=self.model.config)
+        while waiting or rows:
+            joining = [waiting.popleft() for _ in range(self._admissions(len(waiting), len(rows or ()), params.n))]
+            if joining:
+                draws = torch.cat([
+                    torch.rand(params.n, params.max_new_tokens, generator=torch.Generator().manual_seed(seeds[i]))
+                    for i in joining
+                ]).to(device)  # fmt: skip
+                slots = [(i, k) for i in joining for k in range(params.n)]
+                new_rows, new_cache = self._prefill([encoded[i] for i in joining], params.n, slots, draws)
+                if rows:
+                    _join_caches(cache, new_cache, len(slots))
+                    rows = rows.join(new_rows)
+                else:
+                    rows, cache = new_rows, new_cache
+                generated |= {slot: [] for slot in slots}
+            assert rows is not None  # the loop runs while rows decode or prompts wait, and a waiting prompt joins
+            logits = self.model(input_ids=rows.tokens[:, None], attention_mask=rows.attention,
+                                position_ids=rows.positions[:, None], **with_cache(self.model, cache), use_cache=True,
+                                logits_to_keep=1).logits[:, -1]  # fmt: skip
+            chosen = next_tokens(logits, params.temperature, params.top_p, rows.draws.gather(1, rows.steps[:, None])[:, 0])
+            ended = torch.isin(chosen, stop_ids)
+            for slot, token, stopped in zip(rows.slots, chosen.tolist(), ended.tolist()):
+                if stopped:
+                    stops[slot] = token
+                else:
+                    generated[slot].append(token)
+            rows = rows.advanced(chosen)
+            done = ended | (rows.steps >= params.max_new_tokens)
+            if done.any():
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows = rows.select(keep)
+                # Fixed batches stay as they were, for any cache layout: trimming rewrites the cache's tensors.
+                if self.refill:
+                    rows = _trim(rows, cache)
+        return {slot: (tokens, stops.get(slot)) for slot, tokens in generated.items()}
+
+    def _admissions(self, waiting: int, live_rows: int, n: int) -> int:
+        """How many of the `waiting` prompts join before the next decoding step: with `refill`, every one whose K
+        rows fit beside the live rows (those that fit at the same time share one prefill pass); without, a whole
+        batch once the last has ended."""
+        if not self.refill:
+            return 0 if live_rows else min(waiting, self.batch_size)
+        # Waiting for more free rows to share a prefill would not pay: a prefill's cost is mostly per token (48
+        # IFEval prompts: 7.5 s in 7 passes, 8.9 s in 3), while a free row idles through every step it waits.
+        return min(waiting, (self.batch_size * n - live_rows) // n)
+
+    def _prefill(self, batch: list[list[int]], n: int, slots: list[tuple[int, int]],
+                 draws: torch.Tensor) -> tuple[_Rows, DynamicCache]:  # fmt: skip
+        """Rows for the `n` completions of each prompt of `batch`, ready to feed its last token, and their cache."""
+        device = draws.device
         width = max(map(len, batch))
         pad = self.tokenizer.pad_token_id
         # Left padding keeps every prompt's last token in the last column, where sampling continues.
@@ -149,52 +233,113 @@ class TransformersGenerator:
             # Prefix sharing: the prompt (all but its last token) runs once, then its cache is copied K times.
             self.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
                        **with_cache(self.model, cache), use_cache=True, logits_to_keep=1)  # fmt: skip
-            cache.batch_repeat_interleave(params.n)
-        rows = self._decode(
-            input_ids[:, -1].repeat_interleave(params.n), attention.repeat_interleave(params.n, dim=0),
-            positions[:, -1].repeat_interleave(params.n), cache, params,
+            cache.batch_repeat_interleave(n)
+        rows = _Rows(
+            slots, input_ids[:, -1].repeat_interleave(n), attention.repeat_interleave(n, dim=0),
+            positions[:, -1].repeat_interleave(n), torch.zeros(len(slots), dtype=torch.long, device=device), draws,
         )  # fmt: skip
-        completions = [
-            Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids, stop is not None, stop) for ids, stop in rows
-        ]
-        return [completions[i * params.n : (i + 1) * params.n] for i in range(len(batch))]
-
-    def _decode(self, last: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                params: SamplingParams) -> list[tuple[list[int], int | None]]:  # fmt: skip
-        """Sample after each row's `last` prompt token; a row that stops leaves the batch and the cache.
-
-        `model.generate` would keep finished rows in every forward pass until the longest one ends; here the
-        batch shrinks as answers end, which pays most where lengths vary (K samples of one prompt).
-        """
-        tokens, rows = last, torch.arange(last.shape[0])
-        generated: list[list[int]] = [[] for _ in range(last.shape[0])]
-        stops: list[int | None] = [None] * last.shape[0]
-        stop_ids = torch.tensor(self.stop_ids, device=last.device)
-        for _ in range(params.max_new_tokens):
-            logits = self.model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions[:, None],
-                                **with_cache(self.model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]  # fmt: skip
-            chosen = next_tokens(logits, params.temperature, params.top_p)
-            ended = torch.isin(chosen, stop_ids)
-            for row, token, stopped in zip(rows.tolist(), chosen.tolist(), ended.tolist()):
-                if stopped:
-                    stops[row] = token
-                else:
-                    generated[row].append(token)
-            if ended.any():
-                keep = (~ended).nonzero().squeeze(-1)
-                if keep.numel() == 0:
-                    break
-                cache.batch_select_indices(keep)
-                rows, chosen, attention, positions = rows[keep.cpu()], chosen[keep], attention[keep], positions[keep]
-            tokens = chosen
-            attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=-1)
-            positions = positions + 1
-        return list(zip(generated, stops))
+        return rows, cache
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Rows:
+    """The rows being decoded, one per (prompt, sample), in the order of the KV cache's rows.
+
+    Row r's cache holds its real tokens in its last columns, after left padding: `attention[r]` is zeros then
+    ones, its last column standing for `tokens[r]`, fed next at position `positions[r]` (real tokens before it).
+    Masked columns get no attention weight at all, so a row's logits are those of its unpadded sequence.
+    """
+
+    slots: list[tuple[int, int]]
+    """(prompt index, sample index) of each row"""
+    tokens: torch.Tensor
+    """[R] the token each row feeds next"""
+    attention: torch.Tensor
+    """[R, C + 1] for C cached columns: 1 on a row's real tokens, 0 on its left padding"""
+    positions: torch.Tensor
+    """[R] the position of `tokens`"""
+    steps: torch.Tensor
+    """[R] tokens the row has sampled so far"""
+    draws: torch.Tensor
+    """[R, max_new_tokens] the uniform draw that samples each of the row's tokens"""
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def advanced(self, chosen: torch.Tensor) -> _Rows:
+        """The rows after feeding `tokens`, with `chosen` to feed next."""
+        attention = torch.cat([self.attention, self.attention.new_ones(len(self), 1)], dim=-1)
+        return _Rows(self.slots, chosen, attention, self.positions + 1, self.steps + 1, self.draws)
+
+    def select(self, keep: torch.Tensor) -> _Rows:
+        """Only the rows at indices `keep`."""
+        return _Rows([self.slots[i] for i in keep.tolist()], self.tokens[keep], self.attention[keep],
+                     self.positions[keep], self.steps[keep], self.draws[keep])  # fmt: skip
+
+    def join(self, other: _Rows) -> _Rows:
+        """These rows then `other`'s, the narrower attention left-padded to the wider (as `_join_caches` does)."""
+        width = max(self.attention.shape[1], other.attention.shape[1])
+        return _Rows(
+            self.slots + other.slots, torch.cat([self.tokens, other.tokens]),
+            torch.cat([_left_pad(self.attention, width, 1), _left_pad(other.attention, width, 1)]),
+            torch.cat([self.positions, other.positions]), torch.cat([self.steps, other.steps]),
+            torch.cat([self.draws, other.draws]),
+        )  # fmt: skip
+
+
+def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The per-layer stores of `cache`, each holding keys and values of shape [rows, heads, columns, head dim].
+
+    transformers' caches select and repeat rows (`batch_select_indices`, `batch_repeat_interleave`) but neither
+    concatenate two caches nor drop leading columns, which continuous batching does to the tensors themselves.
+    That is only right for full-attention `DynamicLayer`s; any other layout (sliding-window, quantized, linear
+    attention, or a transformers that stores layers elsewhere) is refused rather than silently misaligned.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
+        found = sorted({type(layer).__name__ for layer in layers}) if layers is not None else type(cache).__name__
+        raise AlignkitError(
+            f"continuous batching merges only full-attention DynamicLayer caches; this model's cache has {found} "
+            f"(transformers {transformers.__version__})",
+            fix="decode fixed batches: TransformersGenerator(..., refill=False)",
+        )
+    return layers
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`tensor` with zeros prepended along `dim` up to `width` entries."""
+    shape = list(tensor.shape)
+    shape[dim] = width - tensor.shape[dim]
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _join_caches(cache: DynamicCache, joining: DynamicCache, joining_rows: int) -> None:
+    """Append the `joining_rows` rows of `joining` to `cache`, the narrower side left-padded with zeros to the
+    wider: the columns a row masks out, whatever they hold, get no attention weight."""
+    for layer, new in zip(_kv_layers(cache), _kv_layers(joining), strict=True):
+        width = max(layer.get_seq_length(), new.get_seq_length())
+        for name in ("keys", "values"):
+            old = getattr(layer, name)
+            # Prompts of a single token leave nothing to cache: their rows start with no columns.
+            added = getattr(new, name) if new.get_seq_length() else old.new_zeros(joining_rows, old.shape[1], 0, old.shape[3])
+            setattr(layer, name, torch.cat([_left_pad(old, width, 2), _left_pad(added, width, 2)]))
+
+
+def _trim(rows: _Rows, cache: DynamicCache) -> _Rows:
+    """`rows` and `cache` without the leading columns that every row masks out (once the row that needed them
+    has left), so the cache is as wide as the longest live row and attention costs no more."""
+    unused = int(rows.attention.any(0).int().argmax()) if len(rows) else 0
+    if unused == 0:
+        return rows
+    for layer in _kv_layers(cache):
+        layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+    return replace(rows, attention=rows.attention[:, unused:])
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, draws: torch.Tensor) -> torch.Tensor:
     """One token per row of `logits` [R, V]: the argmax at temperature 0, else a sample of the tempered,
-    nucleus-truncated distribution (the smallest set of top tokens whose probability reaches `top_p`)."""
+    nucleus-truncated distribution (the smallest set of top tokens whose probability reaches `top_p`) by the
+    row's uniform draw in `draws` [R]."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -206,7 +351,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch
     # Inverse-CDF sampling: one uniform draw per row. torch.multinomial draws one exponential per vocabulary
     # entry, a tenth of a decoding step's time at this model size. `right=True` never lands on a zero.
     cdf = probs.cumsum(-1)
-    draw = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    draw = draws[:, None].to(cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, draw, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
