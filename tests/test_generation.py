@@ -301,8 +301,11 @@ def test_the_cache_is_as_wide_as_the_longest_live_row(sharp_model, tiny_tokenize
     assert any(b < a for a, b in zip(widths, widths[1:]))  # trimmed when the longest row left
 
 
-def test_an_unknown_cache_layout_is_refused(tiny_tokenizer):
+def test_a_cache_that_cannot_be_merged_decodes_fixed_batches_and_refuses_refill(tiny_tokenizer):
     model = load_model(TINY_LLAMA)
     model.config.sliding_window = 4  # the cache then keeps a window per layer, which rows cannot be merged into
+    default = TransformersGenerator(model, tiny_tokenizer)
+    assert default.refill is False and TransformersGenerator(load_model(TINY_LLAMA), tiny_tokenizer).refill is True
+    assert len(default.generate(PROMPTS[:2], SamplingParams(max_new_tokens=2))) == 2
     with pytest.raises(AlignkitError, match="DynamicSlidingWindowLayer"):
-        TransformersGenerator(model, tiny_tokenizer).generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
+        TransformersGenerator(model, tiny_tokenizer, refill=True).generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))

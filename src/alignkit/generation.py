@@ -124,7 +124,11 @@ class TransformersGenerator:
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 8,
-                 refill: bool = True):  # fmt: skip
+                 refill: bool | None = None):  # fmt: skip
+        # By default continuous batching where the model's cache can be merged, fixed batches elsewhere
+        # (sliding-window and other non-full-attention caches): the answers are the same either way.
+        if refill is None:
+            refill = _mergeable(DynamicCache(config=model.config))
         self.model, self.tokenizer, self.batch_size, self.refill = model, tokenizer, batch_size, refill
         self.stop_ids = sorted({tokenizer.eos_token_id, *(_as_list(model.generation_config.eos_token_id))} - {None})
 
@@ -296,7 +300,7 @@ def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
     attention, or a transformers that stores layers elsewhere) is refused rather than silently misaligned.
     """
     layers = getattr(cache, "layers", None)
-    if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
+    if not _mergeable(cache):
         found = sorted({type(layer).__name__ for layer in layers}) if layers is not None else type(cache).__name__
         raise AlignkitError(
             f"continuous batching merges only full-attention DynamicLayer caches; this model's cache has {found} "
@@ -304,6 +308,12 @@ def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
             fix="decode fixed batches: TransformersGenerator(..., refill=False)",
         )
     return layers
+
+
+def _mergeable(cache: DynamicCache) -> bool:
+    """Whether `_kv_layers` can merge and trim `cache`: every layer a full-attention `DynamicLayer`."""
+    layers = getattr(cache, "layers", None)
+    return layers is not None and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -451,6 +461,16 @@ def sample_prompts(config: GenerateConfig, prompts: list[PromptWithAnswer], mode
     completions = [c.text for s in samples for c in s.completions]
     references = [r.answer for r in prompts for _ in range(n)]
     return best_of_n(samples, scorer.score(flat_prompts, completions, references))
+
+
+def sample_best_of(model: str, prompts: str, *, n: int, scorer: str, temperature: float, max_new_tokens: int,
+                   seed: int, limit: int = 0, trust_remote_code: bool = False) -> list[dict]:  # fmt: skip
+    """Best-of-`n` rows, every completion and score kept, of `model` on the first `limit` prompts of `prompts`
+    (all with 0): the sampling stage of rejection-sampling fine-tuning and of on-policy DPO."""
+    records, _ = load_records(prompts, "prompt", limit=limit or None)
+    sampling = GenerateConfig(model=model, prompts=prompts, best_of=n, scorer=scorer, temperature=temperature,
+                              max_new_tokens=max_new_tokens, seed=seed, trust_remote_code=trust_remote_code)  # fmt: skip
+    return sample_prompts(sampling, records)  # type: ignore[arg-type]
 
 
 def run_generate(config: GenerateConfig) -> list[dict]:

@@ -22,12 +22,11 @@ from typing import Any, Literal
 import torch
 
 from alignkit.data.comparisons import Comparison, ComparisonBatch, collate_comparisons, encode_comparisons
-from alignkit.data.loading import load_records
 from alignkit.data.records import PreferencePair, Ranking
 from alignkit.data.tokenize import IGNORE
 from alignkit.engine import EngineConfig, Shuffled, items_trained_on, make_accelerator, train
 from alignkit.errors import AlignkitError
-from alignkit.generation import GenerateConfig, sample_prompts
+from alignkit.generation import sample_best_of
 from alignkit.io import write_jsonl
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses import preference as L
@@ -278,13 +277,11 @@ def onpolicy_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def sample_onpolicy_pairs(config: DPOConfig, pairs_file: Path) -> None:
     """Sample --num-samples completions per prompt from --model, score them, and write their pairs to `pairs_file`."""
-    prompts, _ = load_records(config.prompts, "prompt", limit=config.prompt_limit or None)
-    sampling = GenerateConfig(
-        model=config.model, prompts=config.prompts, output=str(pairs_file), best_of=config.num_samples,
-        scorer=config.scorer, temperature=config.sample_temperature, max_new_tokens=config.sample_max_new_tokens,
-        seed=config.seed, trust_remote_code=config.trust_remote_code,
+    rows = sample_best_of(
+        config.model, config.prompts, n=config.num_samples, scorer=config.scorer, temperature=config.sample_temperature,
+        max_new_tokens=config.sample_max_new_tokens, seed=config.seed, limit=config.prompt_limit,
+        trust_remote_code=config.trust_remote_code,
     )  # fmt: skip
-    rows = sample_prompts(sampling, prompts)  # type: ignore[arg-type]
     pairs = onpolicy_pairs(rows)
     if not pairs:
         raise AlignkitError(

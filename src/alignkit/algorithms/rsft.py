@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.algorithms.sft import SFTConfig, run_sft
-from alignkit.data.loading import load_records
 from alignkit.errors import AlignkitError
-from alignkit.generation import GenerateConfig, sample_prompts
+from alignkit.generation import sample_best_of
 from alignkit.io import write_jsonl
 
 
@@ -48,13 +47,11 @@ def run_rsft(config: RSFTConfig) -> dict:
     output = Path(config.output)
     best_file = output / "best_of_n.jsonl"
     if not best_file.exists():
-        prompts, _ = load_records(config.prompts, "prompt", limit=config.prompt_limit or None)
-        sampling = GenerateConfig(
-            model=config.model, prompts=config.prompts, output=str(best_file), best_of=config.num_samples,
-            scorer=config.scorer, temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-            seed=config.seed, trust_remote_code=config.trust_remote_code,
+        rows = sample_best_of(
+            config.model, config.prompts, n=config.num_samples, scorer=config.scorer, temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens, seed=config.seed, limit=config.prompt_limit,
+            trust_remote_code=config.trust_remote_code,
         )  # fmt: skip
-        rows = sample_prompts(sampling, prompts)  # type: ignore[arg-type]
         kept = [r for r in rows if config.min_score is None or r["best_score"] >= config.min_score]
         if not kept:
             raise AlignkitError(

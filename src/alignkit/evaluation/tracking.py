@@ -72,8 +72,8 @@ def evaluate_rewards(generator: TransformersGenerator, scorer: Scorer, records: 
 def untouched(model: torch.nn.Module) -> Iterator[None]:
     """Evaluation mode without gradients; afterwards the model's mode and every random state as they were.
 
-    Generation reseeds torch's global generator (`TransformersGenerator.generate`), and a scorer may draw
-    from Python's or NumPy's; without this, dropout and any other draw of the next training step would differ.
+    A scorer may draw from Python's, NumPy's or torch's generators (generation itself draws from its own, per
+    prompt); without this, dropout and any other draw of the next training step would differ.
     """
     was_training = model.training
     python_state, numpy_state = random.getstate(), np.random.get_state()
