@@ -17,6 +17,7 @@ one starts, so a typo in the last stage costs seconds, not the hours of the stag
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -141,6 +142,18 @@ def find_stage(stages: list[PlannedStage], name: str, flag: str, *, last: bool) 
     return matches[-1] if last else matches[0]
 
 
+def machine() -> str:
+    """The CPU model and count, and the GPU if there is one: what a pipeline's wall times were measured on."""
+    import platform
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.is_file() else []
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{os.cpu_count()} × {models[0] if models else platform.processor() or platform.machine()} CPU{gpu}"
+
+
 def command_line(config: RunConfig) -> str:
     words = ["alignkit", "run", config.pipeline]
     for flag, value in (("--from", config.from_), ("--until", config.until)):
@@ -155,7 +168,7 @@ def command_line(config: RunConfig) -> str:
 def run_pipeline(config: RunConfig) -> list[Decision]:
     pipeline = load_pipeline(config.pipeline, config.set_)
     stages = plan(pipeline)
-    configs = {s.key: s.build() for s in stages if s.command.config_class is not None}
+    configs = {s.key: s.build() for s in stages if s.runs_command}
     first = find_stage(stages, config.from_, "--from", last=False) if config.from_ else 0 if config.overwrite else None
     last = find_stage(stages, config.until, "--until", last=True) if config.until else len(stages) - 1
     state = State(pipeline.output / "pipeline.json")
@@ -164,7 +177,8 @@ def run_pipeline(config: RunConfig) -> list[Decision]:
         print_plan(pipeline, decisions, configs)
         return decisions
     with recorded("pipeline", pipeline.name, command_line(config), str(pipeline.output), pipeline.raw) as pipeline_id:
-        state.data.update(_plain({"name": pipeline.name, "file": str(pipeline.path), "started": _now(), "ended": None, "status": "running"}))
+        state.data.update(_plain({"name": pipeline.name, "file": str(pipeline.path), "command": command_line(config), "machine": machine(),
+                                  "started": _now(), "ended": None, "status": "running"}))  # fmt: skip
         status = "failed"
         try:
             for decision in decisions:
@@ -203,12 +217,14 @@ def run_stage(
     _log(f"{decision.action} {stage.key}: {stage.command.text} -> {stage.output}{reason}")
     if stage.command.text == REPORT:
         write_pages(pipeline, stages, state, only_round=stage.round)
-        state.update(stage.key, command=REPORT, settings={}, output=str(stage.output), status="done", ended=_now())
-        return
-    # Stages after this one were made from its old output; --until may stop before they are rerun.
-    for later in stages[stages.index(stage) + 1 :]:
-        if (state.stage(later.key) or {}).get("status") == "done" and later.command.text != REPORT:
-            state.update(later.key, status="outdated")
+        if config is None:  # no options: the pipeline's page is all it writes
+            state.update(stage.key, command=REPORT, settings={}, output=str(stage.output), status="done", ended=_now())
+            return
+    else:
+        # Stages after this one were made from its old output; --until may stop before they are rerun.
+        for later in stages[stages.index(stage) + 1 :]:
+            if (state.stage(later.key) or {}).get("status") == "done" and later.command.text != REPORT:
+                state.update(later.key, status="outdated")
     if decision.action == "afresh" and stage.directory is not None and stage.directory.exists():
         shutil.rmtree(stage.directory)
     previous = state.stage(stage.key) or {}
@@ -225,7 +241,6 @@ def run_stage(
 
     try:
         with recorded("stage", stage.key, stage.command.text, str(stage.output), stage.settings, parent=pipeline_id):
-            assert stage.command.run is not None
             stage.command.run(config)
     except KeyboardInterrupt:
         end("interrupted")

@@ -51,7 +51,8 @@ OUTPUTS: dict[str, tuple[str, str | None]] = {
 NOT_IN_PIPELINES = {"run": "a pipeline cannot run another pipeline", "runs": "it only lists runs",
                     "label serve": "it waits for annotators forever", "label add-annotator": "it prints a secret token"}  # fmt: skip
 REPORT = "report"
-"""In a pipeline, `report` writes the pipeline's page (OUTPUT/report.html), or in a round that round's page."""
+"""In a pipeline, `report` writes the pipeline's page (OUTPUT/report.html), or in a round that round's page; with
+options it also runs `alignkit report` with them into OUTPUT/<stage>.html (e.g. `compare:`, a comparison page)."""
 
 
 def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
@@ -88,9 +89,8 @@ class StageCommand:
 
     text: str
     """as written and normalised, e.g. "rm train", "sft", "report" """
-    config_class: type | None
-    """None for `report`, which the pipeline runner writes itself"""
-    run: Callable[[Any], Any] | None
+    config_class: type
+    run: Callable[[Any], Any]
     action: str | None = None
 
     @property
@@ -98,7 +98,7 @@ class StageCommand:
         return OUTPUTS.get(self.text)
 
     def fields(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self.config_class)] if self.config_class else []
+        return [f.name for f in dataclasses.fields(self.config_class)]
 
     def settable(self) -> list[str]:
         """The options a pipeline file may give: all but the output (the runner sets it) and the action."""
@@ -113,7 +113,7 @@ def parse_command(text: Any, where: str) -> StageCommand:
     if not words or len(words) > 2:
         raise AlignkitError(f"'command' must be an alignkit command such as sft or 'rm train', not {text!r}", where=where)
     if words[0] == REPORT and len(words) == 1:
-        return StageCommand(REPORT, None, None)
+        return StageCommand(REPORT, *load_target(COMMANDS[REPORT].target))
     spec = COMMANDS.get(words[0])
     if spec is None:
         raise AlignkitError(f"unknown command '{words[0]}'", where=where,
@@ -182,12 +182,15 @@ class PlannedStage:
     def command(self) -> StageCommand:
         return self.stage.command
 
+    @property
+    def runs_command(self) -> bool:
+        """Whether the stage runs its command: every stage but a report stage without options (the pipeline's page alone)."""
+        return self.command.text != REPORT or bool(self.settings)
+
     def build(self) -> Any:
         """The command's config, checked as `alignkit CMD --config FILE` checks it."""
-        config_class = self.command.config_class
-        assert config_class is not None
         where = self.stage.where(label=self.key)
-        config = build_config(config_class, self.settings, source=where)
+        config = build_config(self.command.config_class, self.settings, source=where)
         if hasattr(config, "validate"):
             try:
                 config.validate()
@@ -270,8 +273,6 @@ def _stages(items: Any, path: Path, line: int, where_list: str, seen: set[str]) 
         raw = _mapping(item.get("with"), where, "'with'")
         settings = {str(k).replace("-", "_"): v for k, v in raw.items()}
         key_lines = {str(k).replace("-", "_"): raw.key_lines.get(k, raw.line) for k in raw} if raw else {}
-        if command.text == REPORT and settings:
-            raise AlignkitError("a report stage takes no options", where=where)
         allowed = command.settable()
         for key in settings:
             if key not in allowed:
@@ -388,7 +389,10 @@ def plan(pipeline: Pipeline) -> list[PlannedStage]:
                 if key in stage.command.settable() and key not in settings:
                     settings[key] = _substitute(value, lambda e, key=key: lookup(e, key))
             if stage.command.text == REPORT:
-                directory, output = None, scope / "report.html"
+                # With options it runs `alignkit report` too, whose one page is named after the stage.
+                directory, output = None, scope / (f"{stage.name}.html" if settings else "report.html")
+                if settings:
+                    settings["output"] = str(output)
             else:
                 directory = scope / stage.name
                 kind = stage.command.output

@@ -18,6 +18,9 @@ what the directory holds:
 * alarms from ``evaluation.diagnostics``: length drift on the length series and mode collapse on the
   entropy series of ``metrics.jsonl``, and ``checkpoint_alarms`` (over-optimisation, length drift,
   distinct-2 collapse) on ``overoptimisation.jsonl``, shown as a banner at the top when they fire.
+
+`alignkit report --compare NAME=EVAL_DIR[@TRAIN_DIR] ... --output PATH.html` instead puts several methods' IFEval
+results on one page, with PATH.json and PATH.md beside it (`bakeoff`).
 """
 
 from __future__ import annotations

@@ -28,11 +28,24 @@ class ReportConfig:
     runs: list[str] = field(default_factory=list)
     """run directories (the --output of a training run or of alignkit eval), one page each"""
     output: str = ""
-    """where to write the page (default: RUN_DIR/report.html); only with a single run directory"""
+    """where to write the page (default: RUN_DIR/report.html); only with a single run directory; with --compare, PATH.html (PATH.json and PATH.md beside it)"""
     samples: int = SAMPLES_SHOWN
     """how many sample prompts to show side by side"""
+    compare: list[str] = field(default_factory=list)
+    """instead of run directories: IFEval results of several methods on one page, each NAME=EVAL_DIR or NAME=EVAL_DIR@TRAIN_DIR (the training run, or the file `alignkit generate` wrote)"""
+    note: str = ""
+    """with --compare: a header line for the page and PATH.md, e.g. the command, the machine and the wall time"""
 
     def validate(self) -> None:
+        if self.compare:
+            from alignkit.report.bakeoff import parse_entries  # bakeoff builds on this module's helpers
+
+            if self.runs:
+                raise AlignkitError("--compare makes a page of its own: give run directories or --compare, not both")
+            if not self.output.endswith(".html"):
+                raise AlignkitError("--compare writes one page", fix="give --output PATH.html (PATH.json and PATH.md go beside it)")
+            parse_entries(self.compare)
+            return
         if not self.runs:
             raise AlignkitError("no run directory given", fix="alignkit report outputs/sft [--output report.html]")
         if self.output and len(self.runs) > 1:
@@ -148,15 +161,37 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def line_plot(key: str, xs: list[float], ys: list[float]) -> str:
+def line_plot(key: str, lines: dict[str, tuple[list[float], list[float]]], xlabel: str = "step") -> str:
+    """One or more (xs, ys) series on one axis, titled `key`; a legend names them unless the one line is `key` itself."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.2, 2.6))
-    ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
+    fig, ax = plt.subplots(figsize=(4.2, 2.6) if len(lines) == 1 else (5.2, 3.2))
+    for label, (xs, ys) in lines.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
     ax.set_title(key)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
     if key == "lr" or key.endswith("_lr"):
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    if list(lines) != [key]:
+        ax.legend(fontsize="small")
+    try:
+        return _png(fig)
+    finally:
+        plt.close(fig)
+
+
+def interval_bars(title: str, bars: dict[str, tuple[float, list[float] | None]]) -> str:
+    """One bar per label at its value, with an error bar over its interval [low, high] where it has one."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.2, 0.8 * len(bars) + 1.5), 3.0))
+    values = [value for value, _ in bars.values()]
+    # matplotlib takes asymmetric error bars as distances below and above each value; 0 where there is no interval.
+    below = [value - interval[0] if interval else 0.0 for value, interval in bars.values()]
+    above = [interval[1] - value if interval else 0.0 for value, interval in bars.values()]
+    ax.bar(range(len(bars)), values, yerr=[below, above], capsize=4, color="C0", alpha=0.8)
+    ax.set_xticks(range(len(bars)), list(bars), rotation=30, ha="right")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
     try:
         return _png(fig)
     finally:
@@ -509,7 +544,7 @@ def build_report(run_dir: str | Path, samples_shown: int = SAMPLES_SHOWN) -> str
         body.append('<div class="plots">')
         for key in keys:
             xs, ys = all_series[key]
-            body.append(f'<img alt="{esc(key)} against step" src="{line_plot(key, xs, ys)}">')
+            body.append(f'<img alt="{esc(key)} against step" src="{line_plot(key, {key: (xs, ys)})}">')
         body.append("</div>")
     body.append(checkpoints_section(run.checkpoints))
     if found:
@@ -534,6 +569,10 @@ def build_report(run_dir: str | Path, samples_shown: int = SAMPLES_SHOWN) -> str
 
 
 def run_report(config: ReportConfig) -> list[Path]:
+    if config.compare:
+        from alignkit.report.bakeoff import write_comparison  # bakeoff builds on this module's helpers
+
+        return write_comparison(config.compare, Path(config.output), config.note)
     written = []
     for run_dir in config.runs:
         page = build_report(run_dir, config.samples)
