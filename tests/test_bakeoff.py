@@ -94,9 +94,9 @@ def test_the_comparison_numbers_by_hand(bakeoff):
     assert grpo["difference"]["prompt_level_loose"]["excludes_zero"] is True
     assert grpo["difference"]["prompt_level_strict"]["excludes_zero"] is False
     assert grpo["difference"]["instruction_level_loose"]["excludes_zero"] is False
-    assert grpo["kl"]["value"] == 0.125 and grpo["kl"]["kind"].startswith("measured")
+    assert grpo["kl"]["value"] == 0.125 and grpo["kl"]["bound"] is False
     # Best-of-3 has no model to measure: log 3 - 2/3.
-    assert best["kl"]["value"] == pytest.approx(math.log(3) - 2 / 3) and best["kl"]["kind"].startswith("bound")
+    assert best["kl"]["value"] == pytest.approx(math.log(3) - 2 / 3) and best["kl"]["bound"] is True
     assert best["compute"]["sampled_completions"] == 12 and best["compute"]["sampled_tokens"] == 4 * (5 + 6 + 7)
     # Wall time: the stages of each method from pipeline.json; the start model is its eval alone.
     assert start["compute"]["wall_s"] == 60.0
@@ -114,17 +114,19 @@ def test_the_comparison_numbers_by_hand(bakeoff):
     assert gains[0]["count"] == 2 and gains[0]["baseline_loose"] == 0.5
     # Curves against the share of the run: steps 1..4 of 4.
     curves = training_curves(methods)
-    assert curves["reward"] == {"grpo": ([0.25, 0.5, 0.75, 1.0], [0.1, 0.2, pytest.approx(0.3), 0.4])}
-    assert list(curves["kl"]) == ["grpo (k3 per token)"]
+    assert list(curves) == ["reward of the sampled answers", "KL to the reference (k3 per token)"]
+    assert curves["reward of the sampled answers"] == {"grpo": ([0.25, 0.5, 0.75, 1.0], [0.1, 0.2, pytest.approx(0.3), 0.4])}
 
 
 def test_evals_that_differ_get_a_notice(bakeoff):
-    other = json.loads((bakeoff / "grpo_eval" / "eval.json").read_text()) | {"n": 5, "decoding": {"max_new_tokens": 32}}
+    other = json.loads((bakeoff / "grpo_eval" / "eval.json").read_text())
+    other |= {"n": 5, "decoding": {"max_new_tokens": 32}, "baseline": other["baseline"] | {"name": "other-model"}}
     (bakeoff / "grpo_eval" / "eval.json").write_text(json.dumps(other))
     result = comparison([load_method(e) for e in parse_entries(entries(bakeoff))])
-    assert len(result["notices"]) == 2
+    assert len(result["notices"]) == 3
     assert "number of prompts (start: 4, grpo: 5, best-of-3: 4)" in result["notices"][0]
-    assert "--max-new-tokens" in result["notices"][1]
+    assert "--max-new-tokens (start: 64, grpo: 32, best-of-3: 64)" in result["notices"][1]
+    assert "baseline (grpo: other-model, best-of-3: start-model)" in result["notices"][2]  # the start model has none
     assert result["header"] == "wall time of the compared stages 22.6 min"  # no note, no pipeline passed
 
 
@@ -155,7 +157,8 @@ def test_the_command_writes_the_page_json_and_markdown_and_the_page_loads(bakeof
     assert target.with_suffix(".md").read_text().startswith("# IFEval bake-off\n\nby hand")
     # The bar chart and the reward and KL curves; the tables with a row per method, and the per-type table.
     assert page.count('src="data:image/png;base64,') == 3
-    assert 'alt="prompt-level loose per method with 95% intervals"' in page and 'alt="reward against training progress"' in page
+    assert 'alt="prompt-level loose per method with 95% intervals"' in page
+    assert 'alt="reward of the sampled answers against training progress"' in page
     assert "<tr><td>grpo</td><td>0.750 [0.650, 0.850]</td>" in page and "<tr><td>start</td><td>0.250 [0.150, 0.350]</td>" in page
     assert "<tr><td>best-of-3</td><td>0.500 [0.400, 0.600]</td>" in page and "<td>best-of-3 sampling</td>" in page
     assert "Gains per instruction type" in page and "<td>punctuation:no_comma</td><td>2</td><td>0.50</td><td>+0.50</td><td>+0.00</td>" in page

@@ -40,7 +40,7 @@ HEADLINE = "prompt_level_loose"
 """The number the page leads with: a prompt counts only when every instruction is followed, and loose mode forgives
 a "Sure, here it is:" line or markdown emphasis, which a small model's answers are full of."""
 ORDER = [HEADLINE, *(key for key in LEVELS if key != HEADLINE)]
-CURVES = {"reward": "reward of the sampled answers", "kl": "KL to the reference, as logged"}
+CURVES = {"reward": "reward of the sampled answers", "kl": "KL to the reference"}
 """metrics.jsonl keys drawn per method against training progress, and their plot's title"""
 KL_UNITS = {"grpo": "k3 per token", "ppo": "k1 per answer"}
 """What each algorithm logs as `kl` (run.json's algorithm up to its first dash: grpo-rloo is GRPO's run): GRPO and
@@ -183,9 +183,9 @@ def kl_numbers(evaluation: dict[str, Any], best_of: int | None) -> dict[str, Any
     value = kl.get("kl") if isinstance(kl, dict) else kl
     if _number(value):
         note = kl.get("note") if isinstance(kl, dict) else None
-        return {"value": float(value), "kind": "measured: k1, nats per answer, on the model's answers" + (f" ({note})" if note else "")}
+        return {"value": float(value), "bound": False, "how": "the eval's k1, nats per answer, on the model's answers" + (f" ({note})" if note else "")}
     if best_of:
-        return {"value": best_of_n_kl(best_of), "kind": f"bound: log N - (N - 1)/N for best-of-{best_of}"}
+        return {"value": best_of_n_kl(best_of), "bound": True, "how": f"log N - (N - 1)/N for best-of-{best_of}"}
     return None
 
 
@@ -246,30 +246,30 @@ def per_type_gains(methods: Sequence[Method]) -> list[dict[str, Any]]:
 
 
 def training_curves(methods: Sequence[Method]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
-    """`reward` and `kl` of each method's metrics.jsonl against the share of its run's steps done, so that runs
-    whose steps mean different amounts of work (a GRPO step is a rollout, a PPO step a minibatch) share one axis."""
-    curves: dict[str, dict[str, tuple[list[float], list[float]]]] = {key: {} for key in CURVES}
+    """Per plot title, each method's `reward` or `kl` (metrics.jsonl) against the share of its run's steps done, so
+    that runs whose steps mean different amounts of work (a GRPO step is a rollout, a PPO step a minibatch) share
+    one axis. KL gets a plot per unit: GRPO's k3 per token and PPO's k1 per answer are on different scales."""
+    curves: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for method in methods:
         found = series(method.metrics)
         algorithm = str((method.run or {}).get("algorithm")).split("-")[0]
-        for key in CURVES:
-            if key not in found:
-                continue
-            steps, values = found[key]
-            label = method.entry.name + (f" ({KL_UNITS[algorithm]})" if key == "kl" and algorithm in KL_UNITS else "")
-            curves[key][label] = ([s / max(steps) for s in steps], values)
+        for key, title in CURVES.items():
+            if key in found:
+                steps, values = found[key]
+                title += f" ({KL_UNITS.get(algorithm, 'as logged')})" if key == "kl" else ""
+                curves.setdefault(title, {})[method.entry.name] = ([s / max(steps) for s in steps], values)
     return curves
 
 
 def notices(numbers: Sequence[dict[str, Any]], evaluations: Sequence[dict[str, Any]]) -> list[str]:
     """What makes the rows less comparable than they look: other prompts, other answer lengths, other baselines."""
     found = []
-    for label, values in (("number of prompts", [row["n"] for row in numbers]),
-                          ("prompt file", [e.get("prompts") for e in evaluations]),
-                          ("--max-new-tokens", [(e.get("decoding") or {}).get("max_new_tokens") for e in evaluations]),
-                          ("baseline", [row["baseline"] for row in numbers if row["baseline"] is not None])):  # fmt: skip
-        if len({json.dumps(v) for v in values}) > 1:
-            shown = ", ".join(f"{row['name']}: {v}" for row, v in zip(numbers, values))
+    for label, values in (("number of prompts", {row["name"]: row["n"] for row in numbers}),
+                          ("prompt file", {row["name"]: e.get("prompts") for row, e in zip(numbers, evaluations)}),
+                          ("--max-new-tokens", {row["name"]: (e.get("decoding") or {}).get("max_new_tokens") for row, e in zip(numbers, evaluations)}),
+                          ("baseline", {row["name"]: row["baseline"] for row in numbers if row["baseline"] is not None})):  # fmt: skip
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            shown = ", ".join(f"{name}: {v}" for name, v in values.items())
             found.append(f"the evals differ in their {label} ({shown}): compare their numbers with care")
     return found
 
@@ -314,7 +314,7 @@ def _count(value: Any) -> str:
 def _kl(kl: dict[str, Any] | None) -> str:
     if kl is None:
         return "-"
-    return f"{kl['value']:.3f}" if kl["kind"].startswith("measured") else f"≤ {kl['value']:.3f} (bound)"
+    return f"≤ {kl['value']:.3f} (bound)" if kl["bound"] else f"{kl['value']:.3f}"
 
 
 def tables(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -373,9 +373,8 @@ def page(result: dict[str, Any], curves: dict[str, dict[str, tuple[list[float], 
     bars = {row["name"]: (row["accuracy"][HEADLINE]["value"], (row["accuracy"][HEADLINE].get("ci95") or None))
             for row in result["methods"] if isinstance(row["accuracy"].get(HEADLINE), dict)}  # fmt: skip
     images = [f'<img alt="{esc(LEVELS[HEADLINE])} per method with 95% intervals" src="{interval_bars(LEVELS[HEADLINE] + " (95% CI)", bars)}">']
-    for key, lines in curves.items():
-        if lines:
-            images.append(f'<img alt="{esc(key)} against training progress" src="{line_plot(CURVES[key], lines, "share of the run")}">')
+    for title_text, lines in curves.items():
+        images.append(f'<img alt="{esc(title_text)} against training progress" src="{line_plot(title_text, lines, "share of the run")}">')
     body.append('<div class="plots">' + "".join(images) + "</div>")
     for title_text, head, rows in tables(result):
         if rows:
