@@ -144,6 +144,36 @@ def test_done_stages_are_skipped_a_changed_one_reruns_with_those_after_it_and_fr
     assert "skip    sft" in log and "afresh  dpo: dpo (an earlier stage ran again after it)" in log, log
 
 
+def test_a_rerun_redoes_only_the_stages_that_read_it_and_only_runs_a_chosen_few(tmp_path, capsys):
+    other = f"""  - name: other
+    command: sft
+    with: {{data: {SFT_DATA}, limit: 32, max_steps: 1, max_length: 128}}
+"""
+    path = write(tmp_path, TWO_STAGES + other)
+    out = tmp_path / "out"
+    code, log = run(capsys, path)
+    assert code == 0, log
+    done = {name: mtime(out / name / "summary.json") for name in ("sft", "dpo", "other")}
+
+    # other reads nothing of sft: a changed sft redoes dpo, which reads it, and leaves other done.
+    code, log = run(capsys, path, "--set", "sft.lr=1e-3", "--dry-run")
+    assert "afresh  sft" in log and "afresh  dpo: dpo (sft, whose output it reads, runs again)" in log and "skip    other" in log, log
+
+    code, log = run(capsys, path, "--only", "other", "--set", "other.lr=1e-3", "sft.lr=1e-3")
+    assert code == 0 and "leave sft (not in --only)" in log and "leave dpo" in log and "afresh other" in log, log
+    assert {name: mtime(out / name / "summary.json") for name in ("sft", "dpo")} == {k: done[k] for k in ("sft", "dpo")}
+    assert mtime(out / "other" / "summary.json") != done["other"]
+    stages = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert [stages[k]["status"] for k in ("sft", "dpo", "other")] == ["done", "done", "done"]
+
+    # A chosen stage whose input was never made is refused before anything runs.
+    code, log = run(capsys, path, "--only", "dpo", "--set", f"output={tmp_path / 'fresh'}")
+    assert code == 2 and "stage dpo reads the output of sft, which is not done" in log and "add sft to --only" in log, log
+    assert not (tmp_path / "fresh" / "dpo").exists()
+    code, log = run(capsys, path, "--only", "dpoo", "--dry-run")
+    assert code == 2 and "did you mean 'dpo'?" in log, log
+
+
 def test_a_failed_stage_stops_the_pipeline_names_the_stage_and_is_recorded(tmp_path, capsys):
     path = write(tmp_path, TWO_STAGES.replace(str(PREFS), str(tmp_path / "missing.jsonl")))
     code, log = run(capsys, path)
@@ -221,13 +251,18 @@ def test_example_runs_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch
     assert state["status"] == "done" and all(s["status"] == "done" for s in state["stages"].values()), state
     page = (out / "report.html").read_text()
     assert "pending" not in page and "failed" not in page
-    evals = [json.loads(p.read_text()) for p in out.rglob("eval.json")]
-    assert evals and all(0 <= e["win_rate"] <= 1 for e in evals)
+    evals = [json.loads(p.read_text()) for p in sorted(out.rglob("eval.json"))]
+    judged = [e for e in evals if e.get("benchmark") != "ifeval"]
+    assert judged and all(0 <= e["win_rate"] <= 1 for e in judged)
     assert "win rate" in page
     if example == DEMO:
         lines = dict(headline(out))
-        assert lines["win rate of the aligned model over the start model, by the trained RM"].startswith(f"{evals[0]['win_rate']:.2f}")
+        assert lines["win rate of the aligned model over the start model, by the trained RM"].startswith(f"{judged[0]['win_rate']:.2f}")
         assert "95% CI" in lines["... by the held-out judge (RM on human HH-RLHF labels)"]
+        ifeval = json.loads((out / "ifeval" / "eval.json").read_text())
+        gain = next(v for k, v in lines.items() if k.startswith("IFEval") and k.endswith("prompt-level loose accuracy"))
+        loose = ifeval["difference"]["prompt_level_loose"]
+        assert gain.startswith(f"{ifeval['baseline']['accuracy']['prompt_level_loose']['value']:.3f} -> ") and f"{loose['value']:+.3f}" in gain, gain
         # The pipeline page and every stage page it links open offline in a browser with no broken image.
         with chromium_page(out / "report.html") as (browser_page, requests):
             links = browser_page.eval_on_selector_all("a[href$='report.html']", "els => els.map(e => e.href)")

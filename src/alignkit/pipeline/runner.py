@@ -5,10 +5,13 @@ What a rerun does with each stage, decided before anything runs (and printed by 
 * skip: OUTPUT/pipeline.json records it done with the same resolved settings, and its output is there;
 * resume: it was cut off (running, failed or interrupted) with the same settings: its directory is kept, so
   a training command continues from its last checkpoint and a judge from its progress log;
-* afresh: its settings changed, an earlier stage ran again (in this run, or in one that `--until` stopped
-  before this stage: it is then recorded "outdated"), or `--from` names it or an earlier stage: its
-  directory is removed first, since what it holds was made from other inputs;
+* afresh: its settings changed, a stage whose output it reads (`${name}`, directly or through other stages) ran
+  again (in this run, or in one that stopped before this stage: it is then recorded "outdated"), or `--from`
+  names it or an earlier stage: its directory is removed first, since what it holds was made from other inputs;
 * run: never run before.
+
+Stages that read nothing of each other are independent: rerunning one (`--only grpo grpo_eval`) leaves the
+others done, which is what lets a bake-off of methods run, and be extended, one method at a time.
 
 Every stage is checked (its config built and validated, as `alignkit CMD --config` does) before the first
 one starts, so a typo in the last stage costs seconds, not the hours of the stages before it.
@@ -49,6 +52,8 @@ class RunConfig:
     """print each stage's resolved options and whether it would be skipped, resumed or run, then stop"""
     overwrite: bool = False
     """run every stage afresh (the same as --from the first stage)"""
+    only: list[str] = field(default_factory=list)
+    """run just these stages (and the pipeline's page), each as a plain run would; the stages they read must be done"""
 
     def validate(self) -> None:
         if not self.pipeline:
@@ -98,24 +103,27 @@ class State:
 class Decision:
     stage: PlannedStage
     action: str
-    """skip, resume, afresh or run"""
+    """skip, resume, afresh, run, or leave (not in --only)"""
     reason: str = ""
 
 
-def decide(stages: list[PlannedStage], state: State, first_forced: int | None) -> list[Decision]:
-    """What to do with each stage; once one runs, every later one runs afresh (its inputs may have changed)."""
+def decide(stages: list[PlannedStage], state: State, first_forced: int | None, only: set[str] | None = None) -> list[Decision]:
+    """What to do with each stage; once one runs, every stage that reads its output runs afresh too."""
     decisions: list[Decision] = []
-    upstream_ran = False
+    ran: set[str] = set()
     for index, stage in enumerate(stages):
         previous = state.stage(stage.key)
-        if stage.command.text == REPORT:
+        rerun_inputs = [key for key in stage.needs if key in ran]
+        if only is not None and stage.runs_command and not {stage.key, stage.stage.name} & only:
+            decision = Decision(stage, "leave", "not in --only")
+        elif stage.command.text == REPORT:
             decision = Decision(stage, "run", "reports are always rewritten")
         elif first_forced is not None and index >= first_forced:
             decision = Decision(stage, "afresh", "--from" if index == first_forced else "an earlier stage runs again")
         elif previous is None:
             decision = Decision(stage, "run")
-        elif upstream_ran:
-            decision = Decision(stage, "afresh", "an earlier stage runs again")
+        elif rerun_inputs:
+            decision = Decision(stage, "afresh", f"{', '.join(rerun_inputs)}, whose output it reads, runs again")
         elif previous.get("settings") != _plain(stage.settings):
             old, new = previous.get("settings") or {}, _plain(stage.settings)
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -127,10 +135,39 @@ def decide(stages: list[PlannedStage], state: State, first_forced: int | None) -
             decision = Decision(stage, "skip", "done") if there else Decision(stage, "afresh", "its output is missing")
         else:
             decision = Decision(stage, "resume", f"it was {previous.get('status')} when the last run stopped")
-        if decision.action != "skip" and stage.command.text != REPORT:
-            upstream_ran = True
+        if decision.action not in ("skip", "leave") and stage.command.text != REPORT:
+            ran.add(stage.key)
         decisions.append(decision)
+    if only is not None:
+        check_only(decisions, state, only)
     return decisions
+
+
+def check_only(decisions: list[Decision], state: State, only: set[str]) -> None:
+    """`--only` names real stages, and every stage one of them reads is done or runs too."""
+    keys = {d.stage.key for d in decisions} | {d.stage.stage.name for d in decisions}
+    unknown = sorted(only - keys)
+    if unknown:
+        raise AlignkitError(f"--only {unknown[0]}: the pipeline has no such stage (before --until)",
+                            fix=suggest(unknown[0], sorted(keys)) or f"the stages are {', '.join(d.stage.key for d in decisions)}")  # fmt: skip
+    left = {d.stage.key: d for d in decisions if d.action == "leave"}
+    for decision in decisions:
+        if decision.action == "leave":
+            continue
+        for key in decision.stage.needs:
+            if key in left and (state.stage(key) or {}).get("status") != "done":
+                raise AlignkitError(f"--only: stage {decision.stage.key} reads the output of {key}, which is not done",
+                                    fix=f"add {key} to --only, or run it first")  # fmt: skip
+
+
+def readers(stages: list[PlannedStage], stage: PlannedStage) -> list[PlannedStage]:
+    """The later stages that read `stage`'s output, directly or through other stages."""
+    reading, found = {stage.key}, []
+    for later in stages[stages.index(stage) + 1 :]:
+        if later.command.text != REPORT and reading & set(later.needs):
+            reading.add(later.key)
+            found.append(later)
+    return found
 
 
 def find_stage(stages: list[PlannedStage], name: str, flag: str, *, last: bool) -> int:
@@ -159,6 +196,8 @@ def command_line(config: RunConfig) -> str:
     for flag, value in (("--from", config.from_), ("--until", config.until)):
         if value:
             words += [flag, value]
+    if config.only:
+        words += ["--only", *config.only]
     if config.set_:
         words += ["--set", *config.set_]
     words += [flag for flag, on in (("--dry-run", config.dry_run), ("--overwrite", config.overwrite)) if on]
@@ -172,7 +211,7 @@ def run_pipeline(config: RunConfig) -> list[Decision]:
     first = find_stage(stages, config.from_, "--from", last=False) if config.from_ else 0 if config.overwrite else None
     last = find_stage(stages, config.until, "--until", last=True) if config.until else len(stages) - 1
     state = State(pipeline.output / "pipeline.json")
-    decisions = decide(stages[: last + 1], state, first)
+    decisions = decide(stages[: last + 1], state, first, set(config.only) if config.only else None)
     if config.dry_run:
         print_plan(pipeline, decisions, configs)
         return decisions
@@ -211,8 +250,8 @@ def run_stage(
 ) -> None:
     stage = decision.stage
     reason = f" ({decision.reason})" if decision.reason else ""
-    if decision.action == "skip":
-        _log(f"skip {stage.key}{reason}")
+    if decision.action in ("skip", "leave"):
+        _log(f"{decision.action} {stage.key}{reason}")
         return
     _log(f"{decision.action} {stage.key}: {stage.command.text} -> {stage.output}{reason}")
     if stage.command.text == REPORT:
@@ -221,9 +260,9 @@ def run_stage(
             state.update(stage.key, command=REPORT, settings={}, output=str(stage.output), status="done", ended=_now())
             return
     else:
-        # Stages after this one were made from its old output; --until may stop before they are rerun.
-        for later in stages[stages.index(stage) + 1 :]:
-            if (state.stage(later.key) or {}).get("status") == "done" and later.command.text != REPORT:
+        # Stages that read this one's output were made from its old output; this run may stop before they rerun.
+        for later in readers(stages, stage):
+            if (state.stage(later.key) or {}).get("status") == "done":
                 state.update(later.key, status="outdated")
     if decision.action == "afresh" and stage.directory is not None and stage.directory.exists():
         shutil.rmtree(stage.directory)

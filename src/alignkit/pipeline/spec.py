@@ -177,6 +177,8 @@ class PlannedStage:
     """what `${name}` stands for: the directory, or the one file the command writes there"""
     settings: dict[str, Any]
     """the options passed to the command: `with` and defaults resolved, plus the output (and action)"""
+    needs: tuple[str, ...] = ()
+    """the keys of the stages whose outputs its settings name (`${sft}`, `${previous.dpo|sft}`)"""
 
     @property
     def command(self) -> StageCommand:
@@ -348,6 +350,11 @@ def plan(pipeline: Pipeline) -> list[PlannedStage]:
                 later |= {s.name for s in pipeline.round_stages}
 
             label = stage.name if round_number is None else f"round-{round_number}/{stage.name}"
+            needs: dict[str, None] = {}  # ordered, without repeats
+
+            def output_of(entry: PlannedStage, key: str, where: str) -> str:
+                needs[entry.key] = None
+                return _output_of(entry, key, where)
 
             def lookup(expression: str, key: str) -> str:
                 where = stage.where(key, label)
@@ -366,15 +373,15 @@ def plan(pipeline: Pipeline) -> list[PlannedStage]:
                     if round_number is None:
                         raise AlignkitError(f"'{key}': ${{previous.…}} is only defined in the stages of rounds", where=where)
                     if name in previous:
-                        return _output_of(previous[name], key, where)
+                        return output_of(previous[name], key, where)
                     if not bar:
                         raise AlignkitError(f"'{key}': round 1 has no previous round", where=where,
                                             fix=f"give a stage to use in round 1: ${{previous.{name}|STAGE}}, e.g. ${{previous.{name}|sft}}")  # fmt: skip
                     text = fallback.strip()
                 if text in current:
-                    return _output_of(current[text], key, where)
+                    return output_of(current[text], key, where)
                 if text in top:
-                    return _output_of(top[text], key, where)
+                    return output_of(top[text], key, where)
                 if text == stage.name:
                     raise AlignkitError(f"'{key}': ${{{text}}} refers to the stage's own output", where=where,
                                         fix=f"in rounds, ${{previous.{text}}} is this stage's output of the round before" if round_number else None)  # fmt: skip
@@ -401,7 +408,7 @@ def plan(pipeline: Pipeline) -> list[PlannedStage]:
                     settings[kind[0]] = str(output)
                 if stage.command.action:
                     settings["action"] = stage.command.action
-            entry = PlannedStage(label, stage, round_number, directory, output, settings)
+            entry = PlannedStage(label, stage, round_number, directory, output, settings, tuple(needs))
             planned.append(entry)
             current[stage.name] = entry
         if round_number is None:
