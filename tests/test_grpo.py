@@ -211,3 +211,11 @@ def test_eval_every_and_gold_reward_need_held_out_prompts(tmp_path, e_reward):
         config(tmp_path, reward=e_reward, gold_reward="gsm8k")
     with pytest.raises(AlignkitError, match="eval-every"):
         config(tmp_path, reward=e_reward, eval_prompts=GSM8K, eval_every=-1)
+
+
+def test_a_cut_answer_earns_the_reward_less_the_cut_penalty(tmp_path):
+    """The tiny model solves no GSM8K problem (reward 0), so a step's mean reward is minus its share of cut answers."""
+    run_grpo(config(tmp_path, max_steps=2, cut_penalty=1.0))
+    rows = read_metrics(tmp_path / "out")
+    assert any(r["finished"] < 1 for r in rows), rows
+    assert all(r["reward"] == pytest.approx(r["finished"] - 1) for r in rows), rows

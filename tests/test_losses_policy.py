@@ -15,6 +15,7 @@ from alignkit.losses.policy import (
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
+    penalise_cut,
     rloo_advantages,
     sequence_rewards_to_tokens,
     value_loss,
@@ -273,3 +274,9 @@ def test_sequence_rewards_to_tokens() -> None:
         out,
         [[0.0, 0.0, 1.5, 0.0], [0.0, 0.0, 0.0, -2.0], [0.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
     )
+
+
+def test_a_cut_answer_loses_the_penalty_and_a_finished_one_keeps_its_score():
+    scores, finished = t([0.5, 1.0, 0.0, 0.25]), torch.tensor([True, False, False, True])
+    assert torch.equal(penalise_cut(scores, finished, 1.0), t([0.5, 0.0, -1.0, 0.25]))
+    assert torch.equal(penalise_cut(scores, finished, 0.0), scores)

@@ -251,18 +251,13 @@ def test_example_runs_end_to_end_on_the_tiny_model(tmp_path, capsys, monkeypatch
     assert state["status"] == "done" and all(s["status"] == "done" for s in state["stages"].values()), state
     page = (out / "report.html").read_text()
     assert "pending" not in page and "failed" not in page
-    evals = [json.loads(p.read_text()) for p in sorted(out.rglob("eval.json"))]
-    judged = [e for e in evals if e.get("benchmark") != "ifeval"]
-    assert judged and all(0 <= e["win_rate"] <= 1 for e in judged)
+    evals = [json.loads(p.read_text()) for p in out.rglob("eval.json")]
+    assert evals and all(0 <= e["win_rate"] <= 1 for e in evals)
     assert "win rate" in page
     if example == DEMO:
         lines = dict(headline(out))
-        assert lines["win rate of the aligned model over the start model, by the trained RM"].startswith(f"{judged[0]['win_rate']:.2f}")
+        assert lines["win rate of the aligned model over the start model, by the trained RM"].startswith(f"{evals[0]['win_rate']:.2f}")
         assert "95% CI" in lines["... by the held-out judge (RM on human HH-RLHF labels)"]
-        ifeval = json.loads((out / "ifeval" / "eval.json").read_text())
-        gain = next(v for k, v in lines.items() if k.startswith("IFEval") and k.endswith("prompt-level loose accuracy"))
-        loose = ifeval["difference"]["prompt_level_loose"]
-        assert gain.startswith(f"{ifeval['baseline']['accuracy']['prompt_level_loose']['value']:.3f} -> ") and f"{loose['value']:+.3f}" in gain, gain
         # The pipeline page and every stage page it links open offline in a browser with no broken image.
         with chromium_page(out / "report.html") as (browser_page, requests):
             links = browser_page.eval_on_selector_all("a[href$='report.html']", "els => els.map(e => e.href)")

@@ -31,13 +31,6 @@ def _interval(numbers: dict[str, Any]) -> str:
     return f"{numbers['win_rate']:.2f} (95% CI {low:.2f}-{high:.2f}; length-controlled {numbers['length_controlled']['win_rate']:.2f})"
 
 
-def _ifeval_gain(numbers: dict[str, Any], level: str) -> str:
-    before, after = numbers["baseline"]["accuracy"][level]["value"], numbers["model"]["accuracy"][level]["value"]
-    difference = numbers["difference"][level]
-    low, high = difference["ci95"]
-    return f"{before:.3f} -> {after:.3f}: {difference['value']:+.3f} (95% CI {low:+.3f} to {high:+.3f})"
-
-
 def headline(output: Path) -> list[tuple[str, str]]:
     """The demo's summary lines from the files its stages wrote."""
     evaluation = _json(output / "eval" / "eval.json")
@@ -54,11 +47,6 @@ def headline(output: Path) -> list[tuple[str, str]]:
     ]  # fmt: skip
     fired = [a["message"] for a in ppo.get("alarms", {}).values() if a.get("fired")]
     lines.append(("PPO alarms (over-optimisation, length drift, mode collapse)", "; ".join(fired) if fired else "none fired"))
-    ifeval = _json(output / "ifeval" / "eval.json")
-    if ifeval:
-        subset = f"IFEval, its first {ifeval['n']} prompts, start model -> GRPO on verifiable constraints (paired)"
-        lines += [(f"{subset}: prompt-level loose accuracy", _ifeval_gain(ifeval, "prompt_level_loose")),
-                  ("... instruction-level loose accuracy", _ifeval_gain(ifeval, "instruction_level_loose"))]  # fmt: skip
     return lines
 
 

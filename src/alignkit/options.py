@@ -136,6 +136,10 @@ class RolloutOptions:
     """nucleus sampling of the rollouts"""
     max_new_tokens: int = 256
     """longest completion"""
+    cut_penalty: float = 0.0
+    """subtracted from the reward of an answer cut at --max-new-tokens (a verifier scores it as it stands, so a
+    policy that loops until the cap loses nothing for it); e.g. 1 for a 0-1 reward: an unfinished answer ranks below
+    every finished one"""
     max_prompt_length: int = 512
     """prompts longer than this (in tokens) are left out, and counted"""
 
@@ -144,6 +148,8 @@ class RolloutOptions:
             raise AlignkitError("no prompts or no reward given", fix="pass --prompts FILE and --reward SPEC (e.g. gsm8k or rm:outputs/rm)")
         if self.eval_every < 0:
             raise AlignkitError("--eval-every must be ≥ 0 (0: evaluate only before and after training)")
+        if self.cut_penalty < 0:
+            raise AlignkitError(f"--cut-penalty must be ≥ 0, got {self.cut_penalty}", fix="0 scores a cut answer as it stands")
         if (self.eval_every or self.gold_reward) and not self.eval_prompts:
             raise AlignkitError("--eval-every and --gold-reward evaluate on held-out prompts", fix="pass --eval-prompts FILE")
 

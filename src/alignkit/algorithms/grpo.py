@@ -33,7 +33,7 @@ from alignkit.errors import AlignkitError
 from alignkit.evaluation.tracking import held_out_tracker
 from alignkit.generation import Sample, SamplingParams, TransformersGenerator, rollout_rows
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
-from alignkit.losses.policy import KLEstimator, clipped_surrogate, group_advantages, kl_penalty, rloo_advantages
+from alignkit.losses.policy import KLEstimator, clipped_surrogate, group_advantages, kl_penalty, penalise_cut, rloo_advantages
 from alignkit.models import describe, save_model
 from alignkit.reference import policy_reference, reference_logps
 from alignkit.rewards.verifiers import Scorer
@@ -158,7 +158,8 @@ class GroupRollouts:
         prompts = [r.prompt for r in records for _ in range(k)]
         completions = [c.text for s in samples for c in s.completions]
         references = [r.answer for r in records for _ in range(k)]
-        rewards = self.scorer.score(prompts, completions, references).float()
+        finished = torch.tensor([c.finished for s in samples for c in s.completions])
+        rewards = penalise_cut(self.scorer.score(prompts, completions, references).float(), finished, config.cut_penalty)
         batch = rollout_batch(samples, self.pad_id, share_prefixes=self.share_prefixes)
         ref = None
         if self.reference is not None:
@@ -169,7 +170,7 @@ class GroupRollouts:
             advantages_for(rewards.view(len(records), k), config.advantage).flatten(),
             rewards,
             ref,
-            torch.tensor([c.finished for s in samples for c in s.completions]),
+            finished,
             samples,
             self.pad_id,
             self.share_prefixes,

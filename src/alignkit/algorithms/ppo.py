@@ -44,6 +44,7 @@ from alignkit.losses.policy import (
     gae,
     kl_penalty,
     masked_whiten,
+    penalise_cut,
     sequence_rewards_to_tokens,
 )
 from alignkit.models import describe, save_model
@@ -236,6 +237,7 @@ class PPORollouts:
             [c.text for s in samples for c in s.completions],
             [r.answer for r in records for _ in range(k)],
         ).float()
+        scores = penalise_cut(scores, torch.tensor([c.finished for s in samples for c in s.completions]), config.cut_penalty)
         batch = collate(rollout_rows(samples), self.pad_id)
         device = next(self.model.parameters()).device
         on_device = batch.to(device)

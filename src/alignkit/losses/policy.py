@@ -240,6 +240,16 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - others_mean
 
 
+def penalise_cut(scores: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
+    """``scores − penalty`` where an answer was cut at the length cap (``finished`` false), ``scores`` elsewhere.
+
+    A cut answer is scored as it stands by most verifiers, so a policy that loops until the cap loses nothing
+    for it; DAPO (Yu et al. 2025, arXiv:2503.14476) punishes overlong answers. This is its simplest form: a
+    flat penalty, with no soft band before the cap. ``scores``, ``finished``: ``[N]``.
+    """
+    return scores - penalty * (~finished.bool()).to(scores.dtype)
+
+
 def sequence_rewards_to_tokens(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Place each sequence's scalar score on its last valid token.
 
