@@ -150,7 +150,7 @@ def check_only(decisions: list[Decision], state: State, only: set[str]) -> None:
     if unknown:
         raise AlignkitError(f"--only {unknown[0]}: the pipeline has no such stage (before --until)",
                             fix=suggest(unknown[0], sorted(keys)) or f"the stages are {', '.join(d.stage.key for d in decisions)}")  # fmt: skip
-    left = {d.stage.key: d for d in decisions if d.action == "leave"}
+    left = {d.stage.key for d in decisions if d.action == "leave"}
     for decision in decisions:
         if decision.action == "leave":
             continue
