@@ -220,7 +220,7 @@ def test_onpolicy_options_are_clear_errors(tmp_path, prefs, e_reward):
     for extra, message in [
         (["--data", str(prefs), "--scorer", e_reward], "give --data (pairs you have) or --prompts"),
         ([], "--prompts needs a --scorer"),
-        (["--scorer", e_reward, "--num-samples", "1"], "--num-samples must be at least 2"),
+        (["--scorer", e_reward, "--num-samples", "1"], "'--num-samples' must be ≥ 2"),
     ]:
         result = run_cli(*base, *extra)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from alignkit.algorithms.grpo import GRPOConfig, GRPOLoss, RolloutBatch, advantages_for, rollout_batch, run_grpo
+from alignkit.config import build_config
 from alignkit.data.records import user_prompt
 from alignkit.data.tokenize import IGNORE
 from alignkit.engine import pieces_of
@@ -209,8 +210,8 @@ def test_held_out_checkpoints_trace_proxy_gold_and_kl_without_changing_training(
 def test_eval_every_and_gold_reward_need_held_out_prompts(tmp_path, e_reward):
     with pytest.raises(AlignkitError, match="eval-prompts"):
         config(tmp_path, reward=e_reward, gold_reward="gsm8k")
-    with pytest.raises(AlignkitError, match="eval-every"):
-        config(tmp_path, reward=e_reward, eval_prompts=GSM8K, eval_every=-1)
+    with pytest.raises(AlignkitError, match="'--eval-every' must be ≥ 0"):  # refused as the options are read
+        build_config(GRPOConfig, {"reward": e_reward, "eval_prompts": GSM8K, "eval_every": -1})
 
 
 def test_a_cut_answer_earns_the_reward_less_the_cut_penalty(tmp_path):

@@ -257,7 +257,7 @@ def test_an_older_database_is_upgraded_and_keeps_its_labels(db):
 
     store = LabelStore.open(path)  # opening migrates
     with store.engine.connect() as conn:
-        assert conn.execute(select(schema_version.c.version)).scalar_one() == LATEST == 2
+        assert conn.execute(select(schema_version.c.version)).scalar_one() == LATEST == 3
         inspector = inspect(conn)
         # After the migrations the database has exactly the tables and columns the code declares.
         for table in metadata.sorted_tables:
@@ -312,7 +312,7 @@ def test_cli_errors_are_clean(tmp_path, capsys):
     assert result.returncode == 2 and result.stderr.startswith("error: nothing to import") and "Traceback" not in result.stderr
     for argv, needle in [
         (["label", "--db", db], "no action given"),
-        (["label", "fly", "--db", db], "'action' must be one of"),
+        (["label", "fly", "--db", db], "action' must be one of"),
         (["label", "serve", "extra", "--db", db], "takes no words after it"),
         (["label", "export", "--db", db, "--out", str(tmp_path / "p.jsonl")], "no labels to export"),
     ]:
@@ -324,7 +324,7 @@ def test_cli_errors_are_clean(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["label", "--help"])
     help_text = capsys.readouterr().out
-    assert "import,serve,add-annotator,export,stats" in help_text and "--annotators-per-task" in help_text
+    assert "import,serve,add-annotator,remove-annotator,export,stats" in help_text and "--annotators-per-task" in help_text
 
 
 def test_config_validation():

@@ -67,7 +67,6 @@ def served(tmp_path):
     server = start_in_thread(store)
     yield store, server, tokens
     server.shutdown()
-    server.server_close()
     store.engine.dispose()
 
 
@@ -194,7 +193,6 @@ def test_concurrent_annotators_lose_nothing_and_count_nothing_twice(tmp_path, db
         t.join(timeout=60)
     elapsed = time.perf_counter() - began
     server.shutdown()
-    server.server_close()
 
     assert not errors, errors[:5]
     with store.engine.connect() as conn:
@@ -316,7 +314,6 @@ def test_annotator_labels_with_the_keyboard_in_chromium(tmp_path, browser):
     finally:
         page.close()
         server.shutdown()
-        server.server_close()
         store.engine.dispose()
 
 
@@ -346,7 +343,6 @@ def test_completions_are_shown_as_text_and_never_run(tmp_path, browser):
     finally:
         page.close()
         server.shutdown()
-        server.server_close()
         store.engine.dispose()
 
 
@@ -375,6 +371,5 @@ def test_admin_page_shows_progress_and_annotators_cannot_open_it(tmp_path, brows
     finally:
         page.close()
         server.shutdown()
-        server.server_close()
         store.engine.dispose()
 

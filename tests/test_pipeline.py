@@ -175,14 +175,17 @@ def test_a_rerun_redoes_only_the_stages_that_read_it_and_only_runs_a_chosen_few(
 
 
 def test_a_failed_stage_stops_the_pipeline_names_the_stage_and_is_recorded(tmp_path, capsys):
-    path = write(tmp_path, TWO_STAGES.replace(str(PREFS), str(tmp_path / "missing.jsonl")))
+    # A file that exists but holds no usable pair fails only when its stage reads it (a missing one is refused
+    # before the first stage: tests/test_bad_input.py).
+    (tmp_path / "unusable.jsonl").write_text('{"prompt": "q", "chosen": "a"}\n')
+    path = write(tmp_path, TWO_STAGES.replace(str(PREFS), str(tmp_path / "unusable.jsonl")))
     code, log = run(capsys, path)
-    assert code == 2 and "error: stage dpo (dpo) failed: data file" in log and "missing.jsonl does not exist" in log, log
+    assert code == 2 and "stage dpo (dpo) failed: missing field 'rejected'" in log and "unusable.jsonl:1" in log, log
     state = json.loads((tmp_path / "out" / "pipeline.json").read_text())
     assert state["stages"]["sft"]["status"] == "done" and state["stages"]["dpo"]["status"] == "failed"
     assert state["status"] == "failed" and "failed" in (tmp_path / "out" / "report.html").read_text()
     rows = {r["name"]: r for r in read_runs()}
-    assert rows["dpo"]["status"] == "failed" and "missing.jsonl does not exist" in rows["dpo"]["error"]
+    assert rows["dpo"]["status"] == "failed" and "missing field 'rejected'" in rows["dpo"]["error"]
     assert rows["two"]["status"] == "failed" and rows["sft"]["status"] == "done" and rows["sft"]["parent"] == rows["two"]["id"]
 
 

@@ -53,7 +53,7 @@ COMMANDS: dict[str, Command] = {
     "label": Command(
         "human feedback: the labelling web app and its database",
         "alignkit.label:LabelConfig:run_label",
-        actions=("import", "serve", "add-annotator", "export", "stats"),
+        actions=("import", "serve", "add-annotator", "remove-annotator", "export", "stats"),
         positional="inputs",
     ),
     "eval": Command(

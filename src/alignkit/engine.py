@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import json
 import math
@@ -29,11 +30,13 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
+from alignkit.config import SEEDS, Tracker, above, at_least, trackers_installed, within
+from alignkit.data.builtin import builtin_path
 from alignkit.errors import AlignkitError
-from alignkit.io import write_json
+from alignkit.io import file_digests, output_lock, sha256_of, write_json
 
 T = TypeVar("T")
 # A metric is a sum over the micro-batch, divided by the step's units when logged, or a (sum, count) pair,
@@ -47,49 +50,51 @@ class EngineConfig:
 
     output: str = ""
     """output directory: metrics.jsonl, checkpoints/, and the trained model under model/"""
-    max_steps: int = 0
+    max_steps: int = at_least(0, 0)
     """optimiser steps to run; 0 means derive them from --epochs"""
-    epochs: float = 1.0
+    epochs: float = above(0, 1.0)
     """passes over the training data (used when --max-steps is 0)"""
-    batch_size: int = 4
+    batch_size: int = at_least(1, 4)
     """sequences (or packed rows, or pairs) per micro-batch on each process"""
-    grad_accum: int = 1
+    grad_accum: int = at_least(1, 1)
     """micro-batches accumulated into one optimiser step"""
-    lr: float = 2e-5
+    lr: float = above(0, 2e-5)
     """peak learning rate of AdamW"""
-    weight_decay: float = 0.0
+    weight_decay: float = at_least(0, 0.0)
     """AdamW decoupled weight decay"""
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_betas: list[float] = within("[0, 1)", default_factory=lambda: [0.9, 0.999], count=2)
     """AdamW β1 and β2"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = at_least(0, 1.0)
     """clip the global gradient norm to this value (0 turns clipping off)"""
     scheduler: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     """learning-rate schedule after warm-up; wsd is warmup-stable-decay (MiniCPM)"""
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = within("[0, 1]", 0.05)
     """fraction of the steps spent warming the learning rate up linearly from 0"""
-    decay_ratio: float = 0.2
+    decay_ratio: float = within("[0, 1]", 0.2)
     """wsd only: fraction of the steps in the final decay phase"""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = within("[0, 1]", 0.0)
     """the learning rate decays to this fraction of --lr"""
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """mixed precision; auto picks bf16 on a GPU that has it and full precision on a CPU"""
-    seed: int = 42
+    seed: int = within(SEEDS, 42)
     """seed of data order, initialisation and sampling"""
-    log_every: int = 1
+    log_every: int = at_least(1, 1)
     """log metrics every N steps"""
-    save_every: int = 0
+    save_every: int = at_least(0, 0)
     """write a checkpoint every N steps (0: only at the end); a rerun resumes from the latest"""
-    keep_checkpoints: int = 1
+    keep_checkpoints: int = at_least(1, 1)
     """how many recent checkpoints to keep"""
-    report_to: list[str] = field(default_factory=list)
-    """extra trackers through accelerate: tensorboard, wandb, mlflow"""
+    report_to: list[Tracker] = field(default_factory=list, metadata={"check": trackers_installed})
+    """extra trackers through accelerate: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio"""
     overwrite: bool = False
     """start afresh even if the output directory holds a checkpoint of another run"""
     progress: bool = True
     """show a progress bar"""
+    resume_anyway: bool = False
+    """resume even though a data file changed since the run began (run.json holds their hashes)"""
 
     # Fields that may differ between a run and its resumption without making it another run.
-    RESUME_FREE = ("save_every", "log_every", "keep_checkpoints", "report_to", "overwrite", "progress")
+    RESUME_FREE = ("save_every", "log_every", "keep_checkpoints", "report_to", "overwrite", "progress", "resume_anyway")
 
 
 class Loss(Protocol):
@@ -279,38 +284,166 @@ def items_trained_on(config: EngineConfig, stream: Shuffled, world_size: int) ->
 
 
 class Checkpoints:
-    """`OUTPUT/checkpoints/step-N/`, each written to a temporary name and renamed when complete."""
+    """`OUTPUT/checkpoints/step-N/`, each written to a temporary name and renamed when complete, with a manifest
+    of its files' sizes and sha256 that a resumed run checks before loading it."""
 
-    def __init__(self, output: Path, keep: int):
+    MANIFEST = "manifest.json"
+
+    def __init__(self, output: Path, keep: int, expected_bytes: int = 0):
         self.root = output / "checkpoints"
         self.keep = max(1, keep)
+        # What a checkpoint takes on disk: an estimate until one is written, then that one's size.
+        self.expected_bytes = expected_bytes
 
     def latest(self) -> tuple[int, Path] | None:
-        if not self.root.is_dir():
-            return None
-        done = [(int(p.name.split("-")[1]), p) for p in self.root.glob("step-*") if (p / "trainer_state.json").exists()]
+        done = [(step, p) for step, p in self._all() if (p / "trainer_state.json").exists()]
         return max(done) if done else None
 
     def save(self, accelerator: Accelerator, step: int, state: dict[str, Any]) -> Path:
         final = self.root / f"step-{step:07d}"
         tmp = self.root / f".tmp-step-{step:07d}"
         if accelerator.is_main_process:
+            require_free_space(self.root.parent, self.expected_bytes, f"checkpoint step {step}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=False)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_json(tmp / "trainer_state.json", {"step": step, **state})
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for _, old in sorted(self._all())[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=False)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_json(tmp / "trainer_state.json", {"step": step, **state})
+                manifest = {name: {"size": d["size"], "sha256": d["sha256"]} for name, d in file_digests(tmp, name="").items()}
+                write_json(tmp / self.MANIFEST, manifest)
+                self.expected_bytes = sum(d["size"] for d in manifest.values())
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                for _, old in sorted(self._all())[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            # A full disk (or a kill signal turned exception) must not leave half a checkpoint to fill the disk.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         accelerator.wait_for_everyone()
         return final
 
+    def problem(self, path: Path) -> str | None:
+        """What is wrong with the checkpoint at `path`, or None when every file is as its manifest says."""
+        try:
+            manifest = json.loads((path / self.MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            # Written before checkpoints had manifests: there is nothing to check it against, and refusing it
+            # would strand every run interrupted before an upgrade.
+            return None if (path / "trainer_state.json").is_file() else f"it has neither {self.MANIFEST} nor trainer_state.json"
+        except (OSError, ValueError) as exc:
+            return f"its {self.MANIFEST} is unreadable ({exc})"
+        for name, written in manifest.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != written["size"]:
+                return f"{name} has {file.stat().st_size} bytes where {written['size']} were written"
+            if sha256_of(file) != written["sha256"]:
+                return f"{name} is not what was written (its sha256 differs)"
+        return None
+
+    def resumable(self, log: Callable[[str], None]) -> tuple[int, Path] | None:
+        """The newest checkpoint whose files match its manifest, each newer damaged one named in a warning;
+        an error when there are checkpoints but none is intact."""
+        damaged = []
+        for step, path in sorted(self._all(), reverse=True):
+            problem = self.problem(path)
+            if problem is None:
+                for bad, why in damaged:
+                    log(f"warning: checkpoint {bad} is damaged ({why}); resuming from the intact {path} instead")
+                return step, path
+            damaged.append((path, problem))
+        if damaged:
+            raise AlignkitError(
+                "no intact checkpoint to resume from: " + "; ".join(f"{p.name}: {why}" for p, why in damaged),
+                where=str(self.root),
+                fix="pass --overwrite to start afresh (or put the checkpoint's files back as they were written)",
+            )
+        return None
+
     def _all(self) -> list[tuple[int, Path]]:
-        return [(int(p.name.split("-")[1]), p) for p in self.root.glob("step-*")]
+        return [(int(p.name.split("-")[1]), p) for p in self.root.glob("step-*")] if self.root.is_dir() else []
+
+
+def require_free_space(directory: Path, needed: int, what: str) -> None:
+    """Refuse before writing rather than fail half-way: `needed` bytes must be free where `directory` is."""
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise AlignkitError(
+            f"not enough disk space for {what}: it needs about {needed / 2**20:,.0f} MiB and {free / 2**20:,.0f} MiB are free",
+            where=str(directory),
+            fix="free some space (or use fewer --keep-checkpoints), then rerun the same command: "
+            "it resumes from the last checkpoint",
+        )
+
+
+def saved_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """Rough bytes of the final model and of a checkpoint (weights, plus AdamW's two moments of each trainable
+    weight), with a tenth more for the tokenizer, the RNG states and the file formats' overhead."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return int(1.1 * weights), int(1.1 * (weights + moments))
+
+
+@contextlib.contextmanager
+def disk_full_reported(output: Path) -> Iterator[None]:
+    """A write that fails for want of space (ENOSPC, a quota, or torch's zip writer failing mid-file) ends the
+    run with a message that says so and where it can resume, not an internal error."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        # torch reports ENOSPC inside torch.save as "[enforce fail at inline_container.cc:…] … file write failed".
+        full = full or (isinstance(exc, RuntimeError) and "inline_container" in str(exc))
+        if not full:
+            raise
+        free = shutil.disk_usage(output).free if output.exists() else 0
+        kept = Checkpoints(output, 1).latest()
+        raise AlignkitError(
+            f"the disk is full ({free / 2**20:,.0f} MiB free): {str(exc).strip().splitlines()[0]}",
+            where=str(output),
+            fix="free some space, then rerun the same command: "
+            + (f"it resumes from {kept[1]}" if kept else "it starts again (no checkpoint was kept; see --save-every)"),
+        ) from None
+
+
+def weights_finite(accelerator: Accelerator, model: torch.nn.Module) -> bool:
+    """Whether every trainable weight on every process is finite: the loss is checked before each update, this
+    after it, so a diverged last step is never saved."""
+    flags = [torch.isfinite(p).all() for p in model.parameters() if p.requires_grad]
+    bad = torch.stack(flags).logical_not().sum().float() if flags else torch.zeros((), device=accelerator.device)
+    return accelerator.reduce(bad, "sum").item() == 0
+
+
+def diverged(what: str, output: Path, checkpoints: Checkpoints) -> AlignkitError:
+    kept = checkpoints.latest()
+    return AlignkitError(
+        what,
+        where=str(output),
+        fix=(f"the last good checkpoint is {kept[1]}; " if kept else "no checkpoint was kept; ")
+        + "lower --lr, check the data, or use a smaller --max-grad-norm",
+    )
+
+
+# The options, across every algorithm's config, that name input data; each file behind them is hashed into
+# run.json so that a resumed run can tell when its data changed under it.
+DATA_OPTIONS = ("data", "eval_data", "mix_data", "prompts", "eval_prompts", "ptx_data")
+
+
+def input_digests(config: Any, known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Size, time and sha256 of every file the data options of `config` name (see `io.file_digests`)."""
+    digests: dict[str, dict[str, Any]] = {}
+    for option in DATA_OPTIONS:
+        source = getattr(config, option, "")
+        path = (builtin_path(source) or Path(source)) if source else None
+        # A hub dataset name is no file here: its revision is the hub's to pin.
+        if path is not None and path.exists():
+            digests.update(file_digests(path, known, name=source))
+    return digests
 
 
 def run_fingerprint(algorithm: str, config: Any) -> dict[str, Any]:
@@ -318,12 +451,13 @@ def run_fingerprint(algorithm: str, config: Any) -> dict[str, Any]:
     return {"algorithm": algorithm, "config": settings}
 
 
-def _check_same_run(run_file: Path, fingerprint: dict[str, Any], overwrite: bool) -> None:
+def _check_same_run(run_file: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The run.json of the run this one continues (None for a fresh start), or an error if it is another run."""
     if overwrite or not run_file.exists():
-        return
+        return None
     previous = json.loads(run_file.read_text(encoding="utf-8"))
-    if previous == json.loads(json.dumps(fingerprint, default=str)):
-        return
+    if {k: previous.get(k) for k in fingerprint} == json.loads(json.dumps(fingerprint, default=str)):
+        return previous
     old, new = previous.get("config", {}), fingerprint["config"]
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
@@ -333,6 +467,25 @@ def _check_same_run(run_file: Path, fingerprint: dict[str, Any], overwrite: bool
         f"the output directory holds another run ({detail})",
         where=str(run_file.parent),
         fix="use a new --output, rerun with the same options to resume it, or pass --overwrite to start afresh there",
+    )
+
+
+def _check_same_data(
+    before: dict[str, Any], now: dict[str, Any], output: Path, anyway: bool, log: Callable[[str], None]
+) -> None:
+    """Refuse to resume on data files that changed since the run began (or, with --resume-anyway, warn)."""
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k, {}).get("sha256") != now.get(k, {}).get("sha256"))
+    if not changed:
+        return
+    names = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    if anyway:
+        log(f"warning: resuming on changed data (--resume-anyway): {names}")
+        return
+    raise AlignkitError(
+        f"the data changed since this run began: {names} (its sha256 differs from the one in run.json)",
+        where=str(output),
+        fix="put the data back as it was to resume, pass --overwrite to start afresh on the new data, "
+        "or --resume-anyway to go on with it",
     )
 
 
@@ -361,164 +514,175 @@ def train(
     """
     output = Path(config.output)
     accelerator = accelerator or make_accelerator(config)
-    fingerprint = run_fingerprint(algorithm, full_config)
-    run_file, summary_file, metrics_file = output / "run.json", output / "summary.json", output / "metrics.jsonl"
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        _check_same_run(run_file, fingerprint, config.overwrite)
-        if config.overwrite:
-            for stale in (output / "checkpoints", summary_file, metrics_file):
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        write_json(run_file, fingerprint)
-    accelerator.wait_for_everyone()
+    with output_lock(output), disk_full_reported(output):
+        fingerprint = run_fingerprint(algorithm, full_config)
+        run_file, summary_file, metrics_file = output / "run.json", output / "summary.json", output / "metrics.jsonl"
+        if accelerator.is_main_process:
+            output.mkdir(parents=True, exist_ok=True)
+            previous = _check_same_run(run_file, fingerprint, config.overwrite)
+            if config.overwrite:
+                for stale in (output / "checkpoints", summary_file, metrics_file):
+                    shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            inputs = input_digests(full_config, (previous or {}).get("inputs", {}))
+            # Only a run that would go on from where it stopped (or report itself done) needs the same data.
+            if previous is not None and "inputs" in previous and (summary_file.exists() or Checkpoints(output, 1).latest()):
+                _check_same_data(previous["inputs"], inputs, output, config.resume_anyway, accelerator.print)
+            write_json(run_file, {**fingerprint, "inputs": inputs})
+        accelerator.wait_for_everyone()
 
-    if summary_file.exists():
-        summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        if summary.get("status") == "complete":
-            accelerator.print(f"{output} already holds a complete run; nothing to do (--overwrite starts afresh)")
-            return RunResult(**{k: summary[k] for k in RunResult.__dataclass_fields__ if k in summary})
+        if summary_file.exists():
+            summary = json.loads(summary_file.read_text(encoding="utf-8"))
+            if summary.get("status") == "complete":
+                accelerator.print(f"{output} already holds a complete run; nothing to do (--overwrite starts afresh)")
+                return RunResult(**{k: summary[k] for k in RunResult.__dataclass_fields__ if k in summary})
 
-    steps = total_steps(config, stream, accelerator.num_processes)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # The fused kernel updates each tensor in one pass with no temporaries: 3x faster than the default
-    # foreach path on the built-in model on a CPU (0.22 s instead of 0.70 s a step).
-    optimizer = torch.optim.AdamW(
-        trainable, lr=config.lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay, fused=True
-    )
-    warmup = round(config.warmup_ratio * steps)
-    decay = round(config.decay_ratio * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_multiplier(
-            s, steps, kind=config.scheduler, warmup=warmup, decay_steps=decay, min_ratio=config.min_lr_ratio
-        ),
-    )
-    # The scheduler steps once per optimiser step on every process, so accelerate must not scale it.
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    if checkpointed:
-        accelerator.register_for_checkpointing(*checkpointed)
-    checkpoints = Checkpoints(output, config.keep_checkpoints)
-    start, tokens_total = 0, 0
-    latest = checkpoints.latest()
-    if latest is not None:
-        start, path = latest
-        accelerator.load_state(str(path))
-        tokens_total = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["tokens"]
-        accelerator.print(f"resuming from {path} (step {start} of {steps})")
-    if accelerator.is_main_process:
-        _truncate_metrics(metrics_file, start)
-    if on_step is not None and accelerator.is_main_process:
-        on_step(start, steps)
-    per_step = config.grad_accum * accelerator.num_processes
-    stream.skip(start * per_step)
-    batches = iter(stream)
-
-    if config.report_to:
-        accelerator.init_trackers(algorithm, config=_flat_config(full_config))
-    bar = tqdm(total=steps, initial=start, disable=not (config.progress and accelerator.is_main_process), desc=algorithm)
-    session_tokens = 0
-    last_loss = math.nan
-    started = time.perf_counter()
-    window_start, window_tokens = started, 0
-    model.train()
-    for step in range(start, steps):
-        # Each process takes every num_processes-th global micro-batch: the split does not change the data.
-        local = []
-        for k in range(per_step):
-            batch = next(batches)
-            if k % accelerator.num_processes == accelerator.process_index:
-                local.append(batch)
-        units = torch.tensor(float(sum(loss_fn.units(b) for b in local)), device=accelerator.device)
-        tokens = torch.tensor(float(sum(b.n_tokens for b in local)), device=accelerator.device)
-        units, tokens = accelerator.reduce(units, "sum"), accelerator.reduce(tokens, "sum")
-        # DDP averages gradients over processes; scaling by world size makes the result a plain sum / units.
-        scale = accelerator.num_processes / max(units.item(), 1.0)
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, torch.Tensor] = {}
-        passes = [piece for batch in local for piece in pieces_of(loss_fn, batch)]
-        for i, piece in enumerate(passes):
-            piece = piece.to(accelerator.device)
-            sync = accelerator.no_sync(model) if i < len(passes) - 1 else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                loss_sum, metrics = loss_fn(model, piece)
-                release_freed_memory(accelerator.device)  # the forward's temporaries, before the backward's own
-                accelerator.backward(loss_sum * scale)
-            for name, value in {"loss": loss_sum, **metrics}.items():
-                total, count = value if isinstance(value, tuple) else (value, None)
-                sums[name] = sums.get(name, 0.0) + total.detach().float()
-                if count is not None:
-                    counts[name] = counts.get(name, 0.0) + torch.as_tensor(count, dtype=torch.float32)
-        grad_norm = (
-            accelerator.clip_grad_norm_(trainable, config.max_grad_norm) if config.max_grad_norm > 0 else None
+        steps = total_steps(config, stream, accelerator.num_processes)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # The fused kernel updates each tensor in one pass with no temporaries: 3x faster than the default
+        # foreach path on the built-in model on a CPU (0.22 s instead of 0.70 s a step).
+        optimizer = torch.optim.AdamW(
+            trainable, lr=config.lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay, fused=True
         )
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        release_freed_memory(accelerator.device)
+        warmup = round(config.warmup_ratio * steps)
+        decay = round(config.decay_ratio * steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_multiplier(
+                s, steps, kind=config.scheduler, warmup=warmup, decay_steps=decay, min_ratio=config.min_lr_ratio
+            ),
+        )
+        # The scheduler steps once per optimiser step on every process, so accelerate must not scale it.
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-        logged = _reduce_metrics(accelerator, sums, counts, units)
-        last_loss = logged["loss"]
-        if not math.isfinite(last_loss):
-            kept = checkpoints.latest()
-            raise AlignkitError(
-                f"the loss became {last_loss} at step {step + 1}",
-                where=str(output),
-                fix=(f"the last good checkpoint is {kept[1]}; " if kept else "")
-                + "lower --lr, check the data, or use a smaller --max-grad-norm",
-            )
-        tokens_total += int(tokens.item())
-        session_tokens += int(tokens.item())
-        window_tokens += int(tokens.item())
-        done = step + 1
-        bar.update(1)
-        if done % config.log_every == 0 or done == steps:
-            now = time.perf_counter()
-            record = {
-                "step": done,
-                "loss": last_loss,
-                "lr": lr,
-                "tokens": tokens_total,
-                "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                "units": units.item(),
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "elapsed_s": now - started,
-                **{k: v for k, v in logged.items() if k != "loss"},
-            }
-            window_start, window_tokens = now, 0
-            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if accelerator.is_main_process:
-                with metrics_file.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            if config.report_to:
-                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
+        if checkpointed:
+            accelerator.register_for_checkpointing(*checkpointed)
+        final_bytes, checkpoint_bytes = saved_bytes(model)
+        checkpoints = Checkpoints(output, config.keep_checkpoints, checkpoint_bytes)
+        if accelerator.is_main_process:
+            # Checked now as well as before each save, so a short disk fails the run before it trains, not after.
+            require_free_space(output, final_bytes, "the final model")
+            if config.save_every:
+                require_free_space(output, checkpoint_bytes, "a checkpoint")
+        start, tokens_total = 0, 0
+        latest = broadcast_object_list([checkpoints.resumable(accelerator.print) if accelerator.is_main_process else None])[0]
+        if latest is not None:
+            start, path = latest
+            accelerator.load_state(str(path))
+            tokens_total = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["tokens"]
+            accelerator.print(f"resuming from {path} (step {start} of {steps})")
+        if accelerator.is_main_process:
+            _truncate_metrics(metrics_file, start)
         if on_step is not None and accelerator.is_main_process:
-            on_step(done, steps)
-        if config.save_every and done % config.save_every == 0 and done < steps:
-            checkpoints.save(accelerator, done, {"tokens": tokens_total})
-    bar.close()
-    wall = time.perf_counter() - started
+            on_step(start, steps)
+        per_step = config.grad_accum * accelerator.num_processes
+        stream.skip(start * per_step)
+        batches = iter(stream)
 
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    result = RunResult(
-        steps=steps,
-        final_loss=last_loss,
-        tokens=tokens_total,
-        wall_s=wall,
-        tokens_per_s=session_tokens / max(wall, 1e-9),
-        peak_memory_mb=peak_memory_mb(),
-        resumed_from=start,
-    )
-    if accelerator.is_main_process:
-        save_final(unwrapped, output)
-        write_json(summary_file, {**asdict(result), **(extra_summary or {})})
-        shutil.rmtree(output / "checkpoints", ignore_errors=True)  # the final model supersedes them
-    if config.report_to:
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
-    return result
+        if config.report_to:
+            accelerator.init_trackers(algorithm, config=_flat_config(full_config))
+        bar = tqdm(total=steps, initial=start, disable=not (config.progress and accelerator.is_main_process), desc=algorithm)
+        session_tokens = 0
+        last_loss = math.nan
+        started = time.perf_counter()
+        window_start, window_tokens = started, 0
+        model.train()
+        for step in range(start, steps):
+            # Each process takes every num_processes-th global micro-batch: the split does not change the data.
+            local = []
+            for k in range(per_step):
+                batch = next(batches)
+                if k % accelerator.num_processes == accelerator.process_index:
+                    local.append(batch)
+            units = torch.tensor(float(sum(loss_fn.units(b) for b in local)), device=accelerator.device)
+            tokens = torch.tensor(float(sum(b.n_tokens for b in local)), device=accelerator.device)
+            units, tokens = accelerator.reduce(units, "sum"), accelerator.reduce(tokens, "sum")
+            # DDP averages gradients over processes; scaling by world size makes the result a plain sum / units.
+            scale = accelerator.num_processes / max(units.item(), 1.0)
+            sums: dict[str, torch.Tensor] = {}
+            counts: dict[str, torch.Tensor] = {}
+            passes = [piece for batch in local for piece in pieces_of(loss_fn, batch)]
+            for i, piece in enumerate(passes):
+                piece = piece.to(accelerator.device)
+                sync = accelerator.no_sync(model) if i < len(passes) - 1 else contextlib.nullcontext()
+                with sync, accelerator.autocast():
+                    loss_sum, metrics = loss_fn(model, piece)
+                    release_freed_memory(accelerator.device)  # the forward's temporaries, before the backward's own
+                    accelerator.backward(loss_sum * scale)
+                for name, value in {"loss": loss_sum, **metrics}.items():
+                    total, count = value if isinstance(value, tuple) else (value, None)
+                    sums[name] = sums.get(name, 0.0) + total.detach().float()
+                    if count is not None:
+                        counts[name] = counts.get(name, 0.0) + torch.as_tensor(count, dtype=torch.float32)
+            grad_norm = (
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm) if config.max_grad_norm > 0 else None
+            )
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            release_freed_memory(accelerator.device)
+
+            logged = _reduce_metrics(accelerator, sums, counts, units)
+            last_loss = logged["loss"]
+            if not math.isfinite(last_loss):
+                raise diverged(f"the loss became {last_loss} at step {step + 1}", output, checkpoints)
+            tokens_total += int(tokens.item())
+            session_tokens += int(tokens.item())
+            window_tokens += int(tokens.item())
+            done = step + 1
+            bar.update(1)
+            if done % config.log_every == 0 or done == steps:
+                now = time.perf_counter()
+                record = {
+                    "step": done,
+                    "loss": last_loss,
+                    "lr": lr,
+                    "tokens": tokens_total,
+                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                    "units": units.item(),
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "elapsed_s": now - started,
+                    **{k: v for k, v in logged.items() if k != "loss"},
+                }
+                window_start, window_tokens = now, 0
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if accelerator.is_main_process:
+                    with metrics_file.open("a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                if config.report_to:
+                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
+            if on_step is not None and accelerator.is_main_process:
+                on_step(done, steps)
+            if config.save_every and done % config.save_every == 0 and done < steps:
+                if not weights_finite(accelerator, model):
+                    what = f"the weights hold inf or NaN after step {done}; checkpoint step {done} was not written"
+                    raise diverged(what, output, checkpoints)
+                checkpoints.save(accelerator, done, {"tokens": tokens_total})
+        bar.close()
+        wall = time.perf_counter() - started
+        if not weights_finite(accelerator, model):
+            raise diverged(f"the weights hold inf or NaN after the last step ({steps}); no model was saved", output, checkpoints)
+
+        accelerator.wait_for_everyone()
+        unwrapped = accelerator.unwrap_model(model)
+        result = RunResult(
+            steps=steps,
+            final_loss=last_loss,
+            tokens=tokens_total,
+            wall_s=wall,
+            tokens_per_s=session_tokens / max(wall, 1e-9),
+            peak_memory_mb=peak_memory_mb(),
+            resumed_from=start,
+        )
+        if accelerator.is_main_process:
+            require_free_space(output, final_bytes, "the final model")
+            save_final(unwrapped, output)
+            write_json(summary_file, {**asdict(result), **(extra_summary or {})})
+            shutil.rmtree(output / "checkpoints", ignore_errors=True)  # the final model supersedes them
+        if config.report_to:
+            accelerator.end_training()
+        accelerator.wait_for_everyone()
+        return result
 
 
 def make_accelerator(config: EngineConfig) -> Accelerator:

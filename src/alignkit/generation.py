@@ -21,12 +21,15 @@ import transformers
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from alignkit.config import SEEDS, at_least, within
 from alignkit.data.loading import load_records
 from alignkit.data.records import Prompt, PromptWithAnswer
 from alignkit.data.tokenize import IGNORE, Example, prompt_ids
 from alignkit.errors import AlignkitError
 from alignkit.io import write_jsonl
 from alignkit.models import load_model, load_tokenizer, with_cache
+from alignkit.options import ScorerOptions, require_sampling
+from alignkit.rewards.verifiers import REWARD_TIMEOUT, build_scorer, check_references
 
 
 @dataclass(frozen=True)
@@ -372,7 +375,7 @@ def _as_list(value: object) -> list:
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(ScorerOptions):
     """Options of `alignkit generate`."""
 
     model: str = "smollm2-135m-instruct"
@@ -381,23 +384,23 @@ class GenerateConfig:
     """prompts: JSONL/JSON/Parquet with a 'prompt', 'instruction', 'question' or 'messages' field"""
     output: str = ""
     """where to write the samples as JSONL (prompt, completions, token counts); '-' for standard output"""
-    num_samples: int = 1
+    num_samples: int = at_least(1, 1)
     """completions per prompt (K)"""
-    temperature: float = 0.7
+    temperature: float = at_least(0, 0.7)
     """sampling temperature; 0 for greedy decoding"""
-    top_p: float = 1.0
+    top_p: float = within("(0, 1]", 1.0)
     """nucleus sampling: keep the smallest set of tokens whose probability reaches this"""
-    max_new_tokens: int = 256
+    max_new_tokens: int = at_least(1, 256)
     """longest completion in tokens"""
-    batch_size: int = 8
+    batch_size: int = at_least(1, 8)
     """prompts per generation batch"""
-    limit: int = 0
+    limit: int = at_least(0, 0)
     """use only the first N prompts (0: all)"""
-    best_of: int = 0
+    best_of: int = at_least(0, 0)
     """best-of-N: sample N completions, score them with --scorer, and keep the best one per prompt"""
     scorer: str = ""
     """scorer for --best-of: gsm8k, exact, format, python:module:function, rm:PATH, or a weighted sum"""
-    seed: int = 0
+    seed: int = within(SEEDS, 0)
     """sampling seed"""
     trust_remote_code: bool = False
     """run code shipped with a hub model (off unless you trust it)"""
@@ -407,12 +410,9 @@ class GenerateConfig:
             raise AlignkitError("no prompts given", fix="pass --prompts FILE")
         if not self.output:
             raise AlignkitError("no output file given", fix="pass --output FILE.jsonl (or - for standard output)")
-        if self.num_samples < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise AlignkitError("--num-samples, --max-new-tokens and --batch-size must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise AlignkitError("--temperature must be ≥ 0 and --top-p in (0, 1]")
         if self.best_of and (self.best_of < 2 or not self.scorer):
             raise AlignkitError("--best-of N needs N ≥ 2 and a --scorer", fix="e.g. --best-of 8 --scorer rm:outputs/rm")
+        require_sampling(self.best_of or self.num_samples, self.temperature, "--best-of" if self.best_of else "--num-samples")
 
 
 def sample_to_json(sample: Sample) -> dict:
@@ -445,6 +445,8 @@ def best_of_n(samples: list[Sample], scores: torch.Tensor) -> list[dict]:
 def sample_prompts(config: GenerateConfig, prompts: list[PromptWithAnswer], model_name: str | None = None) -> list[dict]:
     """Sample (and with --best-of, score and pick) completions for prompt records; JSON rows out."""
     name = model_name or config.model
+    scorer = build_scorer(config.scorer, timeout=config.reward_timeout) if config.best_of else None
+    check_references(scorer, prompts)  # before loading the model and sampling, which take the time
     tokenizer = load_tokenizer(name, trust_remote_code=config.trust_remote_code)
     model = load_model(name, trust_remote_code=config.trust_remote_code)
     if torch.cuda.is_available():
@@ -452,11 +454,8 @@ def sample_prompts(config: GenerateConfig, prompts: list[PromptWithAnswer], mode
     generator = TransformersGenerator(model, tokenizer, batch_size=config.batch_size)
     n = config.best_of or config.num_samples
     samples = generator.generate([r.prompt for r in prompts], SamplingParams(n, config.temperature, config.top_p, config.max_new_tokens, config.seed))
-    if not config.best_of:
+    if scorer is None:
         return [sample_to_json(s) for s in samples]
-    from alignkit.rewards.verifiers import build_scorer
-
-    scorer = build_scorer(config.scorer)
     flat_prompts = [r.prompt for r in prompts for _ in range(n)]
     completions = [c.text for s in samples for c in s.completions]
     references = [r.answer for r in prompts for _ in range(n)]
@@ -464,12 +463,13 @@ def sample_prompts(config: GenerateConfig, prompts: list[PromptWithAnswer], mode
 
 
 def sample_best_of(model: str, prompts: str, *, n: int, scorer: str, temperature: float, max_new_tokens: int,
-                   seed: int, limit: int = 0, trust_remote_code: bool = False) -> list[dict]:  # fmt: skip
+                   seed: int, limit: int = 0, trust_remote_code: bool = False, reward_timeout: float = REWARD_TIMEOUT) -> list[dict]:  # fmt: skip
     """Best-of-`n` rows, every completion and score kept, of `model` on the first `limit` prompts of `prompts`
     (all with 0): the sampling stage of rejection-sampling fine-tuning and of on-policy DPO."""
     records, _ = load_records(prompts, "prompt", limit=limit or None)
     sampling = GenerateConfig(model=model, prompts=prompts, best_of=n, scorer=scorer, temperature=temperature,
-                              max_new_tokens=max_new_tokens, seed=seed, trust_remote_code=trust_remote_code)  # fmt: skip
+                              max_new_tokens=max_new_tokens, seed=seed, trust_remote_code=trust_remote_code,
+                              reward_timeout=reward_timeout)  # fmt: skip
     return sample_prompts(sampling, records)  # type: ignore[arg-type]
 
 

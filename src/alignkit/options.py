@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedModel
 
+from alignkit.config import above, at_least, within
 from alignkit.data.loading import Kind, load_records
 from alignkit.data.records import Message, PromptWithAnswer, Record
 from alignkit.data.tokenize import prompt_ids
@@ -15,6 +16,7 @@ from alignkit.errors import AlignkitError
 from alignkit.fused import lean_activations
 from alignkit.logprobs import TokenLogprobModel
 from alignkit.models import LoraSettings, apply_lora, enable_activation_checkpointing, load_model
+from alignkit.rewards.verifiers import REWARD_TIMEOUT
 
 
 @dataclass
@@ -23,11 +25,11 @@ class ModelOptions:
 
     model: str = "smollm2-135m-instruct"
     """model to start from: a directory, a hub id, an alignkit output directory, or smollm2-135m-instruct / tiny-llama"""
-    lora_r: int = 0
+    lora_r: int = at_least(0, 0)
     """LoRA rank (0: full fine-tuning)"""
-    lora_alpha: float = 16.0
+    lora_alpha: float = above(0, 16.0)
     """LoRA scaling numerator (the update is scaled by alpha / r)"""
-    lora_dropout: float = 0.0
+    lora_dropout: float = within("[0, 1)", 0.0)
     """dropout on the LoRA branch"""
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """module names that get LoRA adapters, e.g. q_proj v_proj; all-linear for every linear layer but the head"""
@@ -64,11 +66,11 @@ class DataOptions:
     """training data: .jsonl, .json, .parquet, a saved `datasets` directory, or a hub dataset name"""
     eval_data: str = ""
     """held-out data in the same format (default: --eval-fraction of --data)"""
-    eval_fraction: float = 0.0
+    eval_fraction: float = within("[0, 1)", 0.0)
     """fraction of --data held out for evaluation when --eval-data is not given"""
-    max_length: int = 512
+    max_length: int = at_least(1, 512)
     """longest sequence in tokens; longer examples are cut and the cut is reported"""
-    limit: int = 0
+    limit: int = at_least(0, 0)
     """use only the first N training records (0: all), e.g. for a quick trial run"""
     skip_invalid: bool = False
     """skip malformed records (counted and reported) instead of stopping at the first one"""
@@ -87,8 +89,6 @@ class DataOptions:
     def require_data(self) -> None:
         if not self.data:
             raise AlignkitError("no training data given", fix="pass --data FILE (or set data: in the --config file)")
-        if not 0 <= self.eval_fraction < 1:
-            raise AlignkitError("--eval-fraction must be in [0, 1)")
 
     def load_train_eval(self, kind: Kind, seed: int, log: Callable[[str], None] = print) -> tuple[list[Record], list[Record]]:
         """Training records and held-out records (from --eval-data, or a seeded --eval-fraction of --data)."""
@@ -110,19 +110,34 @@ class DataOptions:
         return [r for i, r in enumerate(records) if i not in held_out], [r for i, r in enumerate(records) if i in held_out]
 
 
+def require_sampling(k: int, temperature: float, k_flag: str) -> None:
+    """K ≥ 2 completions of one prompt are compared (group advantages, best of K): greedy ones would all be the same."""
+    if k >= 2 and temperature == 0:
+        raise AlignkitError(f"--temperature 0 is greedy decoding, so the {k} completions per prompt ({k_flag}) would all be "
+                            "the same and there would be nothing to compare", fix="sample with --temperature > 0, e.g. 1.0")  # fmt: skip
+
+
 @dataclass
-class RolloutOptions:
+class ScorerOptions:
+    """How a command calls the scorers it is given."""
+
+    reward_timeout: float = at_least(0, REWARD_TIMEOUT)
+    """seconds one call of a python:... reward function may take before the run stops with an error naming it (0: no limit)"""
+
+
+@dataclass
+class RolloutOptions(ScorerOptions):
     """Prompts for online RL (GRPO, PPO) and how completions are sampled from them."""
 
     prompts: str = ""
     """training prompts (any file with prompt/instruction/question/messages rows; a reference answer is kept)"""
-    limit: int = 0
+    limit: int = at_least(0, 0)
     """use only the first N training prompts (0: all)"""
     eval_prompts: str = ""
     """held-out prompts: mean reward of greedy answers (the accuracy, for a 0/1 verifier) before and after training, and at --eval-every"""
-    eval_limit: int = 50
+    eval_limit: int = at_least(1, 50)
     """use the first N held-out prompts"""
-    eval_every: int = 0
+    eval_every: int = at_least(0, 0)
     """also evaluate on --eval-prompts every N steps, one row each in OUTPUT/overoptimisation.jsonl (0: only before and after)"""
     gold_reward: str = ""
     """held-out judge scored beside --reward on --eval-prompts (any scorer spec, e.g. rm:outputs/rm_gold): the over-optimisation curve"""
@@ -130,26 +145,22 @@ class RolloutOptions:
     """text appended to each prompt, e.g. an instruction about the answer format"""
     reward: str = ""
     """scorer: rm:PATH (a trained reward model), gsm8k, exact, format, python:module:function, or a weighted sum like gsm8k*1+format*0.2"""
-    temperature: float = 1.0
-    """sampling temperature of the rollouts"""
-    top_p: float = 1.0
+    temperature: float = at_least(0, 1.0)
+    """sampling temperature of the rollouts (0: greedy)"""
+    top_p: float = within("(0, 1]", 1.0)
     """nucleus sampling of the rollouts"""
-    max_new_tokens: int = 256
+    max_new_tokens: int = at_least(1, 256)
     """longest completion"""
-    cut_penalty: float = 0.0
+    cut_penalty: float = at_least(0, 0.0)
     """subtracted from the reward of an answer cut at --max-new-tokens (a verifier scores it as it stands, so a
     policy that loops until the cap loses nothing for it); e.g. 1 for a 0-1 reward: an unfinished answer ranks below
     every finished one"""
-    max_prompt_length: int = 512
+    max_prompt_length: int = at_least(1, 512)
     """prompts longer than this (in tokens) are left out, and counted"""
 
     def require_prompts(self) -> None:
         if not self.prompts or not self.reward:
             raise AlignkitError("no prompts or no reward given", fix="pass --prompts FILE and --reward SPEC (e.g. gsm8k or rm:outputs/rm)")
-        if self.eval_every < 0:
-            raise AlignkitError("--eval-every must be ≥ 0 (0: evaluate only before and after training)")
-        if self.cut_penalty < 0:
-            raise AlignkitError(f"--cut-penalty must be ≥ 0, got {self.cut_penalty}", fix="0 scores a cut answer as it stands")
         if (self.eval_every or self.gold_reward) and not self.eval_prompts:
             raise AlignkitError("--eval-every and --gold-reward evaluate on held-out prompts", fix="pass --eval-prompts FILE")
 
@@ -157,6 +168,9 @@ class RolloutOptions:
         """Training prompts that fit --max-prompt-length, and the held-out prompts (both with --prompt-suffix)."""
         train = self._with_suffix(self.prompts, self.limit or None)
         fits = [p for p in train if len(prompt_ids(tokenizer, p.prompt)) <= self.max_prompt_length]
+        if not fits:
+            raise AlignkitError(f"all {len(train)} prompts are longer than --max-prompt-length {self.max_prompt_length} tokens",
+                                where=self.prompts, fix="raise --max-prompt-length")  # fmt: skip
         log(f"{self.prompts}: {len(fits)} prompts ({len(train) - len(fits)} longer than {self.max_prompt_length} tokens left out)")
         held_out = self._with_suffix(self.eval_prompts, self.eval_limit) if self.eval_prompts else []
         return fits, held_out

@@ -95,9 +95,13 @@ def cached_reference_logprobs(
         for i, value in zip(missing, sequence_logprobs(model, [examples[i] for i in missing], pad_id, batch_size)):
             logps[i] = value
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        torch.save({"key": key, "logps": logps}, tmp)
-        os.replace(tmp, cache)
+        # One temporary name per process: runs in other output directories may share a --reference-cache.
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        try:
+            torch.save({"key": key, "logps": logps}, tmp)
+            os.replace(tmp, cache)
+        finally:
+            tmp.unlink(missing_ok=True)
     return logps
 
 

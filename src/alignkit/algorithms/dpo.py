@@ -21,35 +21,36 @@ from typing import Any, Literal
 
 import torch
 
+from alignkit.config import above, at_least, within
 from alignkit.data.comparisons import Comparison, ComparisonBatch, collate_comparisons, encode_comparisons
 from alignkit.data.records import PreferencePair, Ranking
 from alignkit.data.tokenize import IGNORE
 from alignkit.engine import EngineConfig, Shuffled, items_trained_on, make_accelerator, train
 from alignkit.errors import AlignkitError
 from alignkit.generation import sample_best_of
-from alignkit.io import write_jsonl
+from alignkit.io import output_lock, write_jsonl
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses import preference as L
 from alignkit.losses.preference import PreferenceLoss
 from alignkit.models import describe, load_tokenizer, save_model
-from alignkit.options import DataOptions, ModelOptions
+from alignkit.options import DataOptions, ModelOptions, ScorerOptions
 
 DEFAULT_BETA = {PreferenceLoss.SIMPO: 2.0}
 
 
 @dataclass
-class DPOConfig(EngineConfig, DataOptions, ModelOptions):
+class DPOConfig(EngineConfig, DataOptions, ModelOptions, ScorerOptions):
     """Options of `alignkit dpo`."""
 
     loss: Literal["dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo"] = "dpo"
     """preference loss: dpo, cdpo (label smoothing), robust, ipo, hinge (SLiC), simpo (no reference), orpo (no reference, with SFT term)"""
-    beta: float | None = None
+    beta: float | None = above(0, None)
     """strength of the KL constraint / reward scale (default 0.1; 2.0 for simpo)"""
-    label_smoothing: float = 0.1
+    label_smoothing: float = within("[0, 0.5)", 0.1)
     """cdpo and robust: assumed probability ε that a preference label is flipped"""
-    simpo_gamma: float = 0.5
+    simpo_gamma: float = at_least(0, 0.5)
     """simpo: target reward margin γ"""
-    orpo_lambda: float = 0.1
+    orpo_lambda: float = at_least(0, 0.1)
     """orpo: weight λ of the odds-ratio term added to the chosen NLL"""
     ipo_length_average: bool = True
     """ipo: use length-averaged log-probs (as TRL does) rather than sums"""
@@ -59,7 +60,7 @@ class DPOConfig(EngineConfig, DataOptions, ModelOptions):
     """file of precomputed reference log-probs (default: OUTPUT/reference_logps.pt); reused when it matches"""
     lr: float = 1e-6
     """peak learning rate of AdamW"""
-    max_length: int = 512
+    max_length: int = at_least(1, 512)
     """longest prompt + response in tokens; longer ones are cut and the cut is reported"""
     padding_free: bool = True
     """lay each micro-batch's responses end to end in rows of at most --max-length (restarting positions, no
@@ -74,13 +75,13 @@ class DPOConfig(EngineConfig, DataOptions, ModelOptions):
     scorer: str = ""
     """with --prompts: the scorer that ranks the samples: ifeval, gsm8k, exact, format, python:module:function,
     rm:PATH, or a weighted sum"""
-    num_samples: int = 8
+    num_samples: int = at_least(2, 8, why="a pair is the best and the worst of them")
     """with --prompts: K, completions sampled per prompt"""
-    prompt_limit: int = 0
+    prompt_limit: int = at_least(0, 0)
     """with --prompts: use only the first N prompts (0: all)"""
-    sample_temperature: float = 0.8
+    sample_temperature: float = above(0, 0.8, why="greedy samples of one prompt are all the same")
     """with --prompts: sampling temperature of the K completions"""
-    sample_max_new_tokens: int = 256
+    sample_max_new_tokens: int = at_least(1, 256)
     """with --prompts: longest sampled completion in tokens"""
 
     @property
@@ -102,24 +103,12 @@ class DPOConfig(EngineConfig, DataOptions, ModelOptions):
             raise AlignkitError("no output directory given", fix="pass --output DIR")
         if self.reference == "lora-base" and self.lora_r <= 0:
             raise AlignkitError("--reference lora-base needs a LoRA adapter", fix="add --lora-r 16 (or use --reference precompute)")
-        if self.kind in (PreferenceLoss.CDPO, PreferenceLoss.ROBUST) and not 0 <= self.label_smoothing < 0.5:
-            raise AlignkitError("--label-smoothing must be in [0, 0.5)")
-        if self.effective_beta <= 0:
-            raise AlignkitError("--beta must be positive")
 
     def _validate_onpolicy(self) -> None:
         if self.data:
             raise AlignkitError("give --data (pairs you have) or --prompts (pairs sampled from --model), not both")
         if not self.scorer:
             raise AlignkitError("--prompts needs a --scorer to rank the samples", fix="e.g. --scorer ifeval")
-        if self.num_samples < 2:
-            raise AlignkitError("--num-samples must be at least 2 to have a best and a worst")
-        if self.sample_temperature <= 0:
-            raise AlignkitError("--sample-temperature must be positive: greedy samples of one prompt are all the same")
-        if self.sample_max_new_tokens < 1 or self.prompt_limit < 0:
-            raise AlignkitError("--sample-max-new-tokens must be at least 1 and --prompt-limit at least 0")
-        if not 0 <= self.eval_fraction < 1:
-            raise AlignkitError("--eval-fraction must be in [0, 1)")
 
 
 @dataclass
@@ -280,7 +269,7 @@ def sample_onpolicy_pairs(config: DPOConfig, pairs_file: Path) -> None:
     rows = sample_best_of(
         config.model, config.prompts, n=config.num_samples, scorer=config.scorer, temperature=config.sample_temperature,
         max_new_tokens=config.sample_max_new_tokens, seed=config.seed, limit=config.prompt_limit,
-        trust_remote_code=config.trust_remote_code,
+        trust_remote_code=config.trust_remote_code, reward_timeout=config.reward_timeout,
     )  # fmt: skip
     pairs = onpolicy_pairs(rows)
     if not pairs:
@@ -295,6 +284,12 @@ def sample_onpolicy_pairs(config: DPOConfig, pairs_file: Path) -> None:
 
 
 def run_dpo(config: DPOConfig) -> dict:
+    # Held from the start: the on-policy pairs and the reference cache are written to OUTPUT before training.
+    with output_lock(Path(config.output)):
+        return _run_dpo(config)
+
+
+def _run_dpo(config: DPOConfig) -> dict:
     if config.prompts:
         pairs_file = Path(config.output) / "onpolicy_pairs.jsonl"
         if config.overwrite or not pairs_file.exists():
@@ -323,6 +318,11 @@ def run_dpo(config: DPOConfig) -> dict:
     stream = Shuffled(comparisons, config.batch_size, lambda chunk: collate_comparisons(chunk, pad_id, pack_to, share_prompts), config.seed)
     if config.kind.needs_reference and config.reference == "precompute":
         cache = Path(config.reference_cache) if config.reference_cache else output / "reference_logps.pt"
+        if config.overwrite and not config.reference_cache:
+            # Starting afresh in OUTPUT discards the cache made there for the old run's data (a --reference-cache
+            # of the user's own is theirs to keep: one made for other data is refused, never overwritten).
+            for stale in (cache, cache.with_name(cache.stem + ".eval.pt")):
+                stale.unlink(missing_ok=True)
         trained_on = items_trained_on(config, stream, accelerator.num_processes)
         log(f"reference log-probs of the {len(trained_on)} pairs this run trains on: {cache}")
         attach_reference(policy, config, comparisons, pad_id, cache, trained_on)

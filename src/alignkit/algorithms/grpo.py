@@ -26,10 +26,10 @@ from typing import Literal
 import torch
 
 from alignkit.algorithms.online import OnlineRLConfig, start_online_run
+from alignkit.config import above, at_least
 from alignkit.data.records import PromptWithAnswer
 from alignkit.data.tokenize import IGNORE, Batch, collate, collate_with_prefixes
 from alignkit.engine import Shuffled, train
-from alignkit.errors import AlignkitError
 from alignkit.evaluation.tracking import held_out_tracker
 from alignkit.generation import Sample, SamplingParams, TransformersGenerator, rollout_rows
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
@@ -45,26 +45,21 @@ class GRPOConfig(OnlineRLConfig):
 
     reward: str = "gsm8k"
     """scorer: gsm8k, exact, format, python:module:function, rm:PATH, or a weighted sum like gsm8k*1+format*0.2"""
-    num_generations: int = 4
+    num_generations: int = at_least(2, 4, why="advantages compare samples of one prompt")
     """K, completions sampled per prompt"""
-    batch_size: int = 4
+    batch_size: int = at_least(1, 4)
     """prompts per micro-batch (each with K completions)"""
-    update_batch_size: int = 4
+    update_batch_size: int = at_least(0, 4)
     """completions per forward/backward pass of the update, rounded up to whole groups of K (0: the whole
     micro-batch at once); the gradient is the same, the activation memory of a pass shrinks with it"""
     advantage: Literal["grpo", "rloo", "dr_grpo"] = "grpo"
     """group baseline: grpo (z-score in the group), rloo (leave-one-out mean), dr_grpo (mean, no std division)"""
     loss_normalisation: Literal["sequence", "token"] = "sequence"
     """average the per-token loss per sequence then over sequences (GRPO), or over all tokens (DAPO)"""
-    beta: float = 0.04
+    beta: float = at_least(0, 0.04)
     """weight of the k3 KL penalty to the reference (0: no reference model)"""
-    clip_eps: float = 0.2
+    clip_eps: float = above(0, 0.2)
     """PPO clipping range ε"""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.num_generations < 2:
-            raise AlignkitError("--num-generations must be at least 2: advantages compare samples of one prompt")
 
 
 def rollout_batch(samples: list[Sample], pad_id: int, *, share_prefixes: bool) -> Batch:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.config import above, at_least
 from alignkit.data.loading import read_rows
 from alignkit.data.records import LabelledCompletion, PreferencePair
 from alignkit.data.tokenize import Batch, Example, TruncationReport, collate, encode_prompt_completion, truncate_together
@@ -31,11 +32,11 @@ from alignkit.reference import cached_reference_logprobs
 class KTOConfig(EngineConfig, DataOptions, ModelOptions):
     """Options of `alignkit kto`."""
 
-    beta: float = 0.1
+    beta: float = above(0, 0.1)
     """strength of the KL constraint / reward scale"""
-    desirable_weight: float = 1.0
+    desirable_weight: float = at_least(0, 1.0)
     """λ_D, weight of desirable examples (the paper keeps λ_D·n_D / (λ_U·n_U) between 1 and 4/3)"""
-    undesirable_weight: float = 1.0
+    undesirable_weight: float = at_least(0, 1.0)
     """λ_U, weight of undesirable examples"""
     reference_cache: str = ""
     """file of precomputed reference log-probs (default: OUTPUT/reference_logps.pt); reused when it matches"""
@@ -46,8 +47,6 @@ class KTOConfig(EngineConfig, DataOptions, ModelOptions):
         self.require_data()
         if not self.output:
             raise AlignkitError("no output directory given", fix="pass --output DIR")
-        if self.beta <= 0 or self.desirable_weight < 0 or self.undesirable_weight < 0:
-            raise AlignkitError("--beta must be positive and the weights non-negative")
 
 
 @dataclass

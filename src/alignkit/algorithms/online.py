@@ -10,13 +10,14 @@ from typing import Any, Literal
 from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
+from alignkit.config import at_least
 from alignkit.data.records import PromptWithAnswer
 from alignkit.engine import EngineConfig, RunResult, make_accelerator
 from alignkit.errors import AlignkitError
 from alignkit.logprobs import TokenLogprobModel
 from alignkit.models import load_tokenizer
-from alignkit.options import ModelOptions, RolloutOptions
-from alignkit.rewards.verifiers import Scorer, build_scorer
+from alignkit.options import ModelOptions, RolloutOptions, require_sampling
+from alignkit.rewards.verifiers import Scorer, build_scorer, check_references
 
 
 @dataclass
@@ -29,11 +30,14 @@ class OnlineRLConfig(EngineConfig, RolloutOptions, ModelOptions):
     """fraction of the steps spent warming the learning rate up linearly from 0"""
     scheduler: Literal["cosine", "linear", "constant", "wsd"] = "constant"
     """learning-rate schedule after warm-up"""
+    num_generations: int = at_least(1, 1)
+    """completions per prompt"""
 
     def validate(self) -> None:
         self.require_prompts()
         if not self.output:
             raise AlignkitError("no output directory given", fix="pass --output DIR")
+        require_sampling(self.num_generations, self.temperature, "--num-generations")
 
 
 @dataclass
@@ -66,4 +70,6 @@ def start_online_run(config: OnlineRLConfig) -> OnlineRun:
     accelerator = make_accelerator(config)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     prompts, eval_prompts = config.load_prompts(tokenizer, accelerator.print)
-    return OnlineRun(accelerator, accelerator.print, tokenizer, prompts, eval_prompts, build_scorer(config.reward), config.build_policy())
+    scorer = build_scorer(config.reward, timeout=config.reward_timeout)
+    check_references(scorer, [*prompts, *eval_prompts])
+    return OnlineRun(accelerator, accelerator.print, tokenizer, prompts, eval_prompts, scorer, config.build_policy())

@@ -31,6 +31,7 @@ from torch import nn
 
 from alignkit.algorithms.online import OnlineRLConfig, start_online_run
 from alignkit.algorithms.sft import encode_conversations
+from alignkit.config import above, at_least, within
 from alignkit.data.loading import load_records
 from alignkit.data.tokenize import IGNORE, Batch, collate, truncate
 from alignkit.engine import Shuffled, train
@@ -58,40 +59,40 @@ class PPOConfig(OnlineRLConfig):
 
     value_model: str = ""
     """value model: a reward-model directory to initialise it from, or 'shared' for a head on the policy (default: the --reward model if it is rm:PATH, else shared)"""
-    rollout_size: int = 16
+    rollout_size: int = at_least(1, 16)
     """prompts sampled per rollout"""
-    num_generations: int = 1
+    num_generations: int = at_least(1, 1)
     """completions per prompt in a rollout"""
     score_baseline: Literal["none", "group"] = "none"
     """group: subtract from each score the mean score of its prompt's --num-generations completions, a
     per-prompt baseline that keeps prompt difficulty out of the advantages while the value model learns"""
-    batch_size: int = 4
+    batch_size: int = at_least(1, 4)
     """completions per PPO minibatch"""
-    ppo_epochs: int = 4
+    ppo_epochs: int = at_least(1, 4)
     """passes over each rollout"""
-    kl_coef: float = 0.05
+    kl_coef: float = at_least(0, 0.05)
     """β, weight of the per-token KL penalty in the reward (initial value when adaptive)"""
     adaptive_kl: bool = False
     """adapt β towards --target-kl with Ziegler et al.'s proportional controller"""
-    target_kl: float = 6.0
+    target_kl: float = above(0, 6.0)
     """adaptive KL: target KL per completion (nats)"""
-    kl_horizon: int = 10000
+    kl_horizon: int = at_least(1, 10000)
     """adaptive KL: horizon of the controller, in completions"""
-    clip_eps: float = 0.2
+    clip_eps: float = above(0, 0.2)
     """policy ratio clipping ε"""
-    value_clip_eps: float = 0.2
+    value_clip_eps: float = above(0, 0.2)
     """value clipping ε"""
-    vf_coef: float = 0.1
+    vf_coef: float = at_least(0, 0.1)
     """weight of the value loss"""
-    gamma: float = 1.0
+    gamma: float = within("[0, 1]", 1.0)
     """discount"""
-    lam: float = 0.95
+    lam: float = within("[0, 1]", 0.95)
     """GAE λ"""
     whiten_advantages: bool = True
     """normalise advantages to mean 0, std 1 over each rollout"""
     ptx_data: str = ""
     """PPO-ptx: SFT or text data whose language-modelling loss is mixed into each update"""
-    ptx_coef: float = 0.0
+    ptx_coef: float = at_least(0, 0.0)
     """PPO-ptx: weight γ of that loss"""
 
     def steps_per_rollout(self) -> int:

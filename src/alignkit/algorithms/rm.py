@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from alignkit.config import at_least
 from alignkit.data.comparisons import Comparison, ComparisonBatch, collate_comparisons, encode_comparisons
 from alignkit.data.loading import InvalidRecord, load_records, parse_prompt, read_rows
 from alignkit.data.records import PreferencePair, Prompt, Ranking
@@ -64,13 +65,13 @@ class RMConfig(EngineConfig, DataOptions, ModelOptions):
     """the hidden state the head reads: auto is the last token for causal, [CLS] for encoder"""
     use_margins: bool = True
     """subtract a pair's 'margin' field inside the loss (Llama 2); pairs without one get margin 0"""
-    norm_samples: int = 512
+    norm_samples: int = at_least(0, 512)
     """responses (held-out set, else training set) on which rewards are normalised to mean 0, std 1; 0 turns it off"""
-    eval_batch_size: int = 16
+    eval_batch_size: int = at_least(1, 16)
     """responses per forward pass when evaluating, normalising and scoring"""
     lr: float = 1e-5
     """peak learning rate of AdamW (InstructGPT used 9e-6; Llama 2 1e-5 below 70B)"""
-    max_length: int = 0
+    max_length: int = at_least(0, 0)
     """longest sequence in tokens, longer ones cut from the right; 0: 512 to train, and for eval/score the length the reward model was trained with"""
     packing: bool = True
     """pack a micro-batch's answers into rows of at most --max-length tokens without padding (causal backbones, when the attention keeps packed answers apart; else padded rows)"""
@@ -81,14 +82,10 @@ class RMConfig(EngineConfig, DataOptions, ModelOptions):
         return self.max_length or 512
 
     def validate(self) -> None:
-        if self.eval_batch_size < 1 or self.batch_size < 1:
-            raise AlignkitError("--batch-size and --eval-batch-size must be at least 1")
         if self.action == "train":
             self.require_data()
             if not self.output:
                 raise AlignkitError("no output directory given", fix="pass --output DIR")
-            if self.norm_samples < 0:
-                raise AlignkitError("--norm-samples must be ≥ 0")
             if self.length() < 8:
                 raise AlignkitError("--max-length is too small for a prompt and an answer")
             return

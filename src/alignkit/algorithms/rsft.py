@@ -12,35 +12,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.algorithms.sft import SFTConfig, run_sft
+from alignkit.config import above, at_least
 from alignkit.errors import AlignkitError
 from alignkit.generation import sample_best_of
 from alignkit.io import write_jsonl
+from alignkit.options import ScorerOptions
 
 
 @dataclass
-class RSFTConfig(SFTConfig):
+class RSFTConfig(SFTConfig, ScorerOptions):
     """Options of `alignkit rsft` (the SFT options apply to the fine-tuning stage)."""
 
     prompts: str = ""
     """prompts to sample from (any file with prompt/instruction/question/messages rows)"""
-    prompt_limit: int = 0
+    prompt_limit: int = at_least(0, 0)
     """use only the first N prompts (0: all)"""
-    num_samples: int = 8
+    num_samples: int = at_least(2, 8, why="one of them is kept, the others rejected")
     """N, completions sampled per prompt; the best one is kept"""
     scorer: str = ""
     """scorer that picks the best: gsm8k, exact, format, python:module:function, rm:PATH, or a weighted sum"""
     min_score: float | None = None
     """drop prompts whose best completion scores below this (e.g. 1 for a 0/1 verifier: keep only solved ones)"""
-    temperature: float = 0.8
+    temperature: float = above(0, 0.8, why="greedy samples of one prompt are all the same")
     """sampling temperature"""
-    max_new_tokens: int = 256
+    max_new_tokens: int = at_least(1, 256)
     """longest sampled completion"""
 
     def validate(self) -> None:
         if not self.prompts or not self.scorer or not self.output:
             raise AlignkitError("rsft needs --prompts, --scorer and --output")
-        if self.num_samples < 2:
-            raise AlignkitError("--num-samples must be at least 2 to have something to reject")
 
 
 def run_rsft(config: RSFTConfig) -> dict:
@@ -50,7 +50,7 @@ def run_rsft(config: RSFTConfig) -> dict:
         rows = sample_best_of(
             config.model, config.prompts, n=config.num_samples, scorer=config.scorer, temperature=config.temperature,
             max_new_tokens=config.max_new_tokens, seed=config.seed, limit=config.prompt_limit,
-            trust_remote_code=config.trust_remote_code,
+            trust_remote_code=config.trust_remote_code, reward_timeout=config.reward_timeout,
         )  # fmt: skip
         kept = [r for r in rows if config.min_score is None or r["best_score"] >= config.min_score]
         if not kept:

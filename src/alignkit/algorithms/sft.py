@@ -22,6 +22,7 @@ from alignkit.engine import EngineConfig, PhaseMix, Shuffled, make_accelerator, 
 from alignkit.errors import AlignkitError, DataError
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.models import describe, load_tokenizer, save_model
+from alignkit.config import within
 from alignkit.options import DataOptions, ModelOptions
 
 
@@ -39,7 +40,7 @@ class SFTConfig(EngineConfig, DataOptions, ModelOptions):
     """which assistant turns are trained on: all, or last (only the final reply)"""
     mix_data: str = ""
     """mid-training: a plain-text stream ({"text": ...} per line) trained on before and during the decay phase"""
-    mix_ratio: float = 0.3
+    mix_ratio: float = within("[0, 1]", 0.3)
     """mid-training: fraction of decay-phase micro-batches drawn from --data (needs --scheduler wsd)"""
     lr: float = 2e-5
     """peak learning rate of AdamW"""
@@ -52,8 +53,6 @@ class SFTConfig(EngineConfig, DataOptions, ModelOptions):
             raise AlignkitError(f"--train-on must be all or last, not {self.train_on!r}")
         if self.mix_data and self.scheduler != "wsd":
             raise AlignkitError("--mix-data mixes data during the decay phase", fix="add --scheduler wsd")
-        if not 0 <= self.mix_ratio <= 1:
-            raise AlignkitError("--mix-ratio must be between 0 and 1")
 
 
 class SFTLoss:

@@ -17,6 +17,7 @@ and counted instead (the count is reported, never silent).
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections import Counter
@@ -97,26 +98,56 @@ def read_rows(source: str) -> Iterator[tuple[int, Any]]:
         for number, row in enumerate(loaded, start=1):
             yield number, row
         return
-    if "/" in source and not source.startswith((".", "/")) and not path.suffix:
+    if is_hub_name(source):
         yield from _read_hub_dataset(source)
         return
     raise AlignkitError(f"data file {source} does not exist", fix="check the path (relative paths start from the current directory)")
 
 
+def is_hub_name(source: str) -> bool:
+    """Whether a data source that is no local file or directory names a dataset on the hub (`org/name[:split]`)."""
+    return "/" in source and not source.startswith((".", "/")) and not Path(source).suffix
+
+
+def _utf8(data: bytes) -> str:
+    """`data` as text; a byte-order mark in front (some Windows editors write one) is not part of the JSON."""
+    return data.removeprefix(codecs.BOM_UTF8).decode("utf-8")
+
+
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> tuple[int, str]:
+    """The line (from 1) of the first byte of `data` that is not UTF-8, and what to say about it."""
+    start = exc.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+    column = start - data.rfind(b"\n", 0, start)
+    return data.count(b"\n", 0, start) + 1, f"not UTF-8 text (byte 0x{data[start]:02x} at byte {column} of the line)"
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = _utf8(raw)
+            except UnicodeDecodeError as exc:
+                yield number, InvalidRecord(_not_utf8(raw, exc)[1])
+                continue
             if not line.strip():
                 continue
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as exc:
                 yield number, InvalidRecord(f"malformed JSON ({exc.msg} at column {exc.colno})")
+            except (RecursionError, ValueError) as exc:  # nesting deeper than the stack, or an integer over 4,300 digits
+                yield number, InvalidRecord(f"JSON that cannot be read ({'nested too deeply' if isinstance(exc, RecursionError) else exc})")
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
+    data = path.read_bytes()
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
+        text = _utf8(data)
+    except UnicodeDecodeError as exc:
+        line, what = _not_utf8(data, exc)
+        raise DataError(what, path=str(path), line=line, fix="save the file as UTF-8") from None
+    try:
+        loaded = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"malformed JSON ({exc.msg})", path=str(path), line=exc.lineno) from None
     if isinstance(loaded, dict) and len(loaded) == 1 and isinstance(next(iter(loaded.values())), list):

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from alignkit.algorithms.sft import encode_conversations, mean_nll
+from alignkit.config import SEEDS, at_least, within
 from alignkit.data.loading import load_records
 from alignkit.data.records import PromptWithAnswer
 from alignkit.data.tokenize import IGNORE, collate, truncate
@@ -54,7 +55,8 @@ from alignkit.generation import SamplingParams, Sample, TransformersGenerator, r
 from alignkit.io import write_jsonl
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.models import load_model, load_tokenizer
-from alignkit.rewards.verifiers import build_scorer
+from alignkit.options import ScorerOptions
+from alignkit.rewards.verifiers import build_scorer, check_references
 
 
 BENCHMARKS = ("ifeval",)
@@ -62,7 +64,7 @@ BENCHMARKS = ("ifeval",)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ScorerOptions):
     """Options of `alignkit eval`."""
 
     model: str = ""
@@ -84,33 +86,33 @@ class EvalConfig:
     """a second, held-out judge (any scorer spec, e.g. an RM trained on other labels) whose win rate is reported beside the judge's: a policy tuned against the judge can fool it but not this one"""
     output: str = ""
     """directory for eval.json (all numbers) and samples.jsonl (both answers and scores per prompt)"""
-    limit: int = 0
+    limit: int = at_least(0, 0)
     """use only the first N prompts (0: all)"""
-    temperature: float = 0.0
+    temperature: float = at_least(0, 0.0)
     """sampling temperature of both models; 0 for greedy decoding"""
-    top_p: float = 1.0
+    top_p: float = within("(0, 1]", 1.0)
     """nucleus sampling when --temperature > 0"""
-    max_new_tokens: int = 256
+    max_new_tokens: int = at_least(1, 256)
     """longest answer in tokens; with --benchmark ifeval give 1280 (lm-evaluation-harness's value), as some prompts ask for 800+ words: a cut answer is scored as it stands and counted in the report"""
-    batch_size: int = 8
+    batch_size: int = at_least(1, 8)
     """prompts per generation and log-prob batch"""
-    seed: int = 0
+    seed: int = within(SEEDS, 0)
     """sampling seed (and the bootstrap's)"""
-    tie_tolerance: float = 0.0
+    tie_tolerance: float = at_least(0, 0.0)
     """score differences up to this count as a tie (half a win)"""
-    bootstrap_resamples: int = 2000
+    bootstrap_resamples: int = at_least(1, 2000)
     """resamples of the bootstrap confidence interval of the win rate"""
     task_prompts: str = ""
     """alignment tax: prompts with reference answers (e.g. GSM8K) whose accuracy is measured for both models"""
     task_reward: str = "gsm8k"
     """scorer of --task-prompts answers (1 correct, 0 wrong), e.g. gsm8k or exact"""
-    task_limit: int = 0
+    task_limit: int = at_least(0, 0)
     """use only the first N task prompts (0: all)"""
     heldout_data: str = ""
     """alignment tax: held-out instruction/chat data (SFT format) whose perplexity is measured for both models"""
-    heldout_limit: int = 0
+    heldout_limit: int = at_least(0, 0)
     """use only the first N held-out records (0: all)"""
-    max_length: int = 512
+    max_length: int = at_least(1, 512)
     """longest held-out sequence in tokens (longer ones are cut)"""
     trust_remote_code: bool = False
     """run code shipped with a hub model (off unless you trust it)"""
@@ -131,12 +133,6 @@ class EvalConfig:
                     fix="e.g. alignkit eval --model outputs/dpo --baseline outputs/sft --prompts prompts.jsonl "
                     "--judge rm:outputs/rm --output outputs/eval",
                 )
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.bootstrap_resamples < 1:
-            raise AlignkitError("--max-new-tokens, --batch-size and --bootstrap-resamples must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise AlignkitError("--temperature must be ≥ 0 and --top-p in (0, 1]")
-        if self.tie_tolerance < 0:
-            raise AlignkitError("--tie-tolerance must be ≥ 0")
 
     def _validate_benchmark(self) -> None:
         if self.benchmark not in BENCHMARKS:
@@ -203,7 +199,7 @@ def answer_logprobs(model: TokenLogprobModel, samples: list[Sample], pad_id: int
 
 
 def _task_accuracy(config: EvalConfig, generator: TransformersGenerator, records: list[PromptWithAnswer]) -> float:
-    result = evaluate_rewards(generator, build_scorer(config.task_reward), records, config.max_new_tokens)
+    result = evaluate_rewards(generator, build_scorer(config.task_reward, timeout=config.reward_timeout), records, config.max_new_tokens)
     return float(result["reward"])
 
 
@@ -503,11 +499,14 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     task_records = None
     if config.task_prompts:
         task_records, _ = load_records(config.task_prompts, "prompt", limit=config.task_limit or None)
+        check_references(build_scorer(config.task_reward, timeout=config.reward_timeout), task_records)
     heldout_records = None
     if config.heldout_data:
         heldout_records, _ = load_records(config.heldout_data, "conversation", limit=config.heldout_limit or None)
-    scorer = build_scorer(config.judge)
-    gold_scorer = build_scorer(config.gold_judge) if config.gold_judge else None
+    scorer = build_scorer(config.judge, timeout=config.reward_timeout)
+    gold_scorer = build_scorer(config.gold_judge, timeout=config.reward_timeout) if config.gold_judge else None
+    for judge in (scorer, gold_scorer):
+        check_references(judge, prompts)
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
 

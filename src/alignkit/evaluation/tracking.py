@@ -43,7 +43,7 @@ from alignkit.io import write_jsonl
 from alignkit.logprobs import TokenLogprobModel
 from alignkit.options import RolloutOptions
 from alignkit.reference import as_reference, sequence_logprobs
-from alignkit.rewards.verifiers import Scorer, build_scorer
+from alignkit.rewards.verifiers import Scorer, build_scorer, check_references
 
 
 def greedy_answers(generator: TransformersGenerator, records: list[PromptWithAnswer], max_new_tokens: int) -> list[Sample]:
@@ -186,6 +186,7 @@ def held_out_tracker(config: RolloutOptions, output: Path, records: list[PromptW
     """The tracker of an RL run's options, or None without held-out prompts."""
     if not records:
         return None
-    gold = build_scorer(config.gold_reward) if config.gold_reward else None
+    gold = build_scorer(config.gold_reward, timeout=config.reward_timeout) if config.gold_reward else None
+    check_references(gold, records)
     return HeldOutTracker(output, records, generator, policy, reference, proxy, gold, config.eval_every,
                           config.max_new_tokens, pad_id, log)  # fmt: skip

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from alignkit.config import SEEDS, above, at_least, within
 from alignkit.data.loading import InvalidRecord, load_records, parse_prompt, read_rows
 from alignkit.data.records import PreferencePair, Prompt, PromptWithAnswer, Ranking, distinct_answers
 from alignkit.errors import AlignkitError, DataError
@@ -66,41 +67,41 @@ class JudgeConfig:
     """when the two presentation orders prefer different answers: tie (no preference; in agreement counted half) or drop (left out)"""
     rank: bool = False
     """compare/preferences with K > 2: write one ranking per prompt (responses best first by pairwise wins) instead of every decided pair"""
-    max_answer_chars: int = 4000
+    max_answer_chars: int = at_least(0, 4000)
     """cut each answer to this many characters inside the judging prompt (0: no limit)"""
-    limit: int = 0
+    limit: int = at_least(0, 0)
     """use only the first N prompts or labelled pairs (0: all)"""
     skip_invalid: bool = False
     """skip malformed input rows (counted) instead of stopping at the first one"""
     overwrite: bool = False
     """start afresh even if --output holds results of an earlier run"""
-    chunk_size: int = 8
+    chunk_size: int = at_least(1, 8)
     """prompts (or labelled pairs) judged together before their results are written"""
-    batch_size: int = 8
+    batch_size: int = at_least(1, 8)
     """judging prompts per forward pass of a local judge; prompts per generation batch in critique-revise"""
     api_model: str = ""
     """HTTP judge: the 'model' field of the request (omitted when empty)"""
     api_key_env: str = "OPENAI_API_KEY"
     """HTTP judge: name of the environment variable holding the API key (sent as a Bearer token, never logged or written)"""
-    timeout: float = 60.0
+    timeout: float = above(0, 60.0)
     """HTTP judge: seconds to wait for one answer"""
-    retries: int = 4
+    retries: int = at_least(0, 4)
     """HTTP judge: retries of a request that timed out, could not connect, or got HTTP 429/5xx"""
-    backoff: float = 1.0
+    backoff: float = at_least(0, 1.0)
     """HTTP judge: seconds before the first retry, doubled at each further one (at most 30 s)"""
-    workers: int = 4
+    workers: int = at_least(1, 4)
     """HTTP judge: requests in flight at once"""
     logprobs: bool = True
     """HTTP judge: ask for log-probabilities of the answer letter (else read the letter: P = 1 or 0)"""
     model: str = "smollm2-135m-instruct"
     """critique-revise: the model that answers, critiques and revises"""
-    revisions: int = 1
+    revisions: int = at_least(1, 1)
     """critique-revise: rounds of critique and revision per prompt (a new principle each round)"""
-    temperature: float = 0.7
+    temperature: float = at_least(0, 0.7)
     """critique-revise: sampling temperature (0: greedy)"""
-    max_new_tokens: int = 256
+    max_new_tokens: int = at_least(1, 256)
     """critique-revise: longest answer, critique or revision in tokens"""
-    seed: int = 0
+    seed: int = within(SEEDS, 0)
     """seed for drawing principles and for sampling"""
     trust_remote_code: bool = False
     """run code shipped with a hub model (off unless you trust it)"""
@@ -123,11 +124,6 @@ class JudgeConfig:
             raise AlignkitError("no output file given", fix="pass --output prefs.jsonl")
         if self.output == "-":
             raise AlignkitError("--output must be a file: results are appended as they come and a rerun continues them")
-        for name in ("chunk_size", "batch_size", "workers", "revisions", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise AlignkitError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.retries < 0 or self.timeout <= 0 or self.backoff < 0 or self.max_answer_chars < 0 or self.temperature < 0:
-            raise AlignkitError("--retries, --backoff, --max-answer-chars and --temperature must be ≥ 0 and --timeout > 0")
 
     def template_spec(self) -> str:
         if self.resolved_mode() == "preferences" and self.template == "helpfulness":

@@ -2,6 +2,7 @@
 
     alignkit label import --db labels.db samples.jsonl      # `alignkit generate` output -> comparison tasks
     alignkit label add-annotator alice                      # prints alice's token (only its hash is kept)
+    alignkit label remove-annotator alice                   # revokes the token; alice's labels stop counting
     alignkit label serve --db labels.db --port 8765         # the labelling page and the JSON API
     alignkit label stats --db labels.db                     # progress, agreement, position bias
     alignkit label export --db labels.db --out prefs.jsonl  # preference pairs / rankings for `rm` and `dpo`
@@ -21,15 +22,15 @@ from typing import Any, Literal
 from alignkit.errors import AlignkitError
 from alignkit.io import write_jsonl
 
-ACTIONS = ("import", "serve", "add-annotator", "export", "stats")
+ACTIONS = ("import", "serve", "add-annotator", "remove-annotator", "export", "stats")
 
 
 @dataclass
 class LabelConfig:
     """Options of `alignkit label ACTION`."""
 
-    action: Literal["import", "serve", "add-annotator", "export", "stats"] | None = None
-    """what to do (the word after `label`): import, serve, add-annotator, export or stats"""
+    action: Literal["import", "serve", "add-annotator", "remove-annotator", "export", "stats"] | None = None
+    """what to do (the word after `label`): import, serve, add-annotator, remove-annotator, export or stats"""
     inputs: list[str] = field(default_factory=list)
     """the words after the action: the sample files to import (JSONL with 'prompt' and 'completions'), or the annotator's name"""
     db: str = "labels.db"
@@ -48,8 +49,12 @@ class LabelConfig:
     """serve: a task handed out but not answered within this time is offered to another annotator"""
     quiet: bool = False
     """serve: do not log each request"""
-    admin: bool = False
-    """add-annotator: the annotator may see progress and export (the /admin page, /api/progress, /api/export)"""
+    https_proxy: bool = False
+    """serve: annotators reach the server through an HTTPS proxy: the login cookie is marked Secure (it also is for
+    requests a proxy on 127.0.0.1, or in FORWARDED_ALLOW_IPS, marks X-Forwarded-Proto: https)"""
+    admin: bool | None = None
+    """add-annotator: --admin: may see progress and export (the /admin page, /api/progress, /api/export); --no-admin:
+    may not (with --new-token, an annotator's admin flag is kept unless one of the two is given)"""
     new_token: bool = False
     """add-annotator: give an existing annotator a new token; the old one stops working"""
     out: str = ""
@@ -58,6 +63,8 @@ class LabelConfig:
     """export: one row per task by majority vote (rankings by mean place), or one row per label"""
     min_labels: int = 1
     """export: leave out tasks with fewer labels than this"""
+    include_removed: bool = False
+    """export, stats: use the labels of removed annotators too (they are kept in the database, left out by default)"""
     against: str = ""
     """stats: a preference file (e.g. an LLM judge's prompt/chosen/rejected) to measure its agreement with the human majority"""
     format: Literal["text", "json"] = "text"
@@ -70,6 +77,8 @@ class LabelConfig:
             raise AlignkitError("nothing to import", fix="name the samples file(s): alignkit label import --db labels.db samples.jsonl")
         if self.action == "add-annotator" and len(self.inputs) != 1:
             raise AlignkitError("add-annotator takes one name", fix="alignkit label add-annotator NAME [--admin]")
+        if self.action == "remove-annotator" and len(self.inputs) != 1:
+            raise AlignkitError("remove-annotator takes one name", fix="alignkit label remove-annotator NAME")
         if self.action in ("serve", "export", "stats") and self.inputs:
             raise AlignkitError(f"'{self.action}' takes no words after it, got {' '.join(self.inputs)}", fix="give options as --flags")
         if self.action == "export" and not self.out:
@@ -99,14 +108,23 @@ def run_label(config: LabelConfig) -> Any:
             return reports
         if config.action == "add-annotator":
             token = store.add_annotator(config.inputs[0], admin=config.admin, new_token=config.new_token)
-            kind = "admin" if config.admin else "annotator"
+            annotator = store.authenticate(token)
+            kind = "admin" if annotator is not None and annotator.is_admin else "annotator"
             print(f"token for {kind} '{config.inputs[0].strip()}' (shown once; only its hash is stored):", file=sys.stderr)
             print(token)
             return token
+        if config.action == "remove-annotator":
+            store.remove_annotator(config.inputs[0])
+            print(
+                f"removed '{config.inputs[0].strip()}': the token no longer works, and their labels (kept in the database) "
+                "are left out of exports, statistics and task counts (--include-removed uses them)",
+                file=sys.stderr,
+            )
+            return None
         if config.action == "serve":
             from alignkit.label.server import serve
 
-            serve(store, config.host, config.port, lease_seconds=config.lease_minutes * 60, log=not config.quiet)
+            serve(store, config.host, config.port, lease_seconds=config.lease_minutes * 60, log=not config.quiet, https_proxy=config.https_proxy)
             return None
         if config.action == "export":
             return export(store, config)
@@ -118,7 +136,7 @@ def run_label(config: LabelConfig) -> Any:
 def export(store: Any, config: LabelConfig) -> dict[str, Any]:
     from alignkit.label.analysis import export_rows
 
-    labels = store.labels()
+    labels = store.labels(include_removed=config.include_removed)
     if not labels:
         raise AlignkitError("there are no labels to export yet", fix="serve the app and label some tasks first")
     rows, left_out = export_rows(labels, aggregate=config.aggregate, min_labels=config.min_labels)
@@ -132,7 +150,7 @@ def export(store: Any, config: LabelConfig) -> dict[str, Any]:
 def stats(store: Any, config: LabelConfig) -> dict[str, Any]:
     from alignkit.label.analysis import agreement_summary, agreement_with, annotator_agreement, json_safe, position_summary
 
-    labels = store.labels()
+    labels = store.labels(include_removed=config.include_removed)
     result: dict[str, Any] = {
         **store.tasks_overview(),
         "agreement": agreement_summary(labels),
@@ -180,6 +198,8 @@ def format_stats(s: dict[str, Any], db: str) -> str:
         agrees = s["agreement_by_annotator"].get(a["name"])
         agreeing = "" if agrees is None else f", agrees with others {_pct(agrees)}"
         lines.append(f"  {a['name']}{' (admin)' if a['admin'] else ''}: {a['labels']} labels{seconds}{agreeing}")
+    if s["annotators_removed"]:
+        lines.append(f"  ({s['annotators_removed']} removed annotator(s) not listed)")
     g = s["agreement"]
     if g["items"]:
         kappa = f"Cohen's κ {_num(g['cohen_kappa'])}" if g["cohen_kappa"] is not None else f"Fleiss' κ {_num(g['fleiss_kappa'])}"

@@ -20,9 +20,12 @@ written by a newer alignkit. A migration is never edited once released; a change
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sqlalchemy import (
@@ -60,6 +63,7 @@ annotators = Table(
     Column("token_hash", String(64), nullable=False, unique=True),  # sha256 of the token; the token is never stored
     Column("is_admin", Boolean, nullable=False),
     Column("created_at", Float, nullable=False),
+    Column("removed_at", Float),  # version 3: set by `label remove-annotator`; their labels stop counting
 )
 
 tasks = Table(
@@ -82,7 +86,7 @@ assignments = Table(
     Column("task_id", Integer, ForeignKey("tasks.id"), nullable=False),
     Column("annotator_id", Integer, ForeignKey("annotators.id"), nullable=False),
     Column("shown_order", Text, nullable=False),  # JSON: shown_order[p] = index of the response shown at position p
-    Column("status", String(16), nullable=False),  # "pending" | "done" | "skipped"
+    Column("status", String(16), nullable=False),  # "pending" | "done" | "skipped" | "closed" | "removed"
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),  # a pending task not answered by then is offered to others
     UniqueConstraint("task_id", "annotator_id", name="uq_assignment_task_annotator"),
@@ -144,20 +148,33 @@ def _v2_reasons_and_timing(conn: Connection) -> None:
     Index("ix_labels_task", Table("labels", MetaData(), Column("task_id", Integer)).c.task_id).create(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial, _v2_reasons_and_timing]
+def _v3_removed_annotators(conn: Connection) -> None:
+    """`annotators.removed_at`: a removed annotator's token stops working; their labels are kept but not counted."""
+    conn.execute(text("ALTER TABLE annotators ADD COLUMN removed_at FLOAT"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial, _v2_reasons_and_timing, _v3_removed_annotators]
 LATEST = len(MIGRATIONS)
 WRITE_LOCK_KEY = 52414  # PostgreSQL advisory lock that serialises alignkit label's writers
+_writer_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
 
 
 # --- connections ------------------------------------------------------------------------------------------
 
 
 def database_url(db: str) -> str:
-    """A SQLAlchemy URL as given, or a SQLite URL for a file path (its folder is created)."""
+    """A SQLAlchemy URL as given, or a SQLite URL for a file path (its folder is created).
+
+    A new SQLite file is created readable by its owner only (0600): it holds every annotator's labels and
+    token hashes. SQLite gives its -wal and -shm files the database file's permissions."""
     if "://" in db:
         return db
     path = Path(db).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:  # it exists, or cannot be created, which opening it will report with the path
+        pass
     return f"sqlite:///{path}"
 
 
@@ -219,7 +236,11 @@ def write_transaction(engine: Engine, *, durable: bool = True) -> Iterator[Conne
 
     `durable=False` is for writes that may be lost to a power cut without harm (handing out a task): on
     SQLite their commit skips the fsync. Labels are always written durably."""
-    with engine.connect() as conn:
+    # SQLite's busy handler polls with sleeps of up to 100 ms, so the writers of one process waiting on its
+    # lock are served in no order, and under 20 annotators a few waited over a second (the p99). A lock
+    # here queues them in the process; writers in other processes still meet the busy handler.
+    queue = _writer_locks.setdefault(engine, threading.Lock()) if engine.dialect.name == "sqlite" else nullcontext()
+    with queue, engine.connect() as conn:
         conn.execution_options(alignkit_write=True, alignkit_durable=durable)
         with conn.begin():
             if conn.dialect.name == "postgresql":

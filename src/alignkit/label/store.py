@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import Engine, and_, exists, func, or_, select
+from sqlalchemy import Engine, Select, and_, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from alignkit.data.loading import InvalidRecord, parse_prompt, read_rows
@@ -129,14 +129,21 @@ class LabelStore:
 
     # --- annotators ----------------------------------------------------------------------------------------
 
-    def add_annotator(self, name: str, *, admin: bool = False, new_token: bool = False) -> str:
-        """Create an annotator (or give an existing one a new token) and return the token; only its hash is kept."""
+    def add_annotator(self, name: str, *, admin: bool | None = None, new_token: bool = False) -> str:
+        """Create an annotator (or give an existing one a new token) and return the token; only its hash is kept.
+
+        `admin`: True or False sets the flag; None leaves an existing annotator's as it is (a new one is not an admin)."""
         name = name.strip()
         if not name or len(name) > 200:
             raise AlignkitError("an annotator's name must be 1 to 200 characters")
         token = secrets.token_urlsafe(24)
         with write_transaction(self.engine) as conn:
-            existing = conn.execute(select(annotators.c.id).where(annotators.c.name == name)).first()
+            existing = conn.execute(select(annotators.c.id, annotators.c.removed_at).where(annotators.c.name == name)).first()
+            if existing is not None and existing.removed_at is not None:
+                raise AlignkitError(
+                    f"annotator '{name}' was removed",
+                    fix="give the annotator another name (the removed one's labels stay in the database under this one)",
+                )
             if existing is not None and not new_token:
                 raise AlignkitError(
                     f"annotator '{name}' already exists",
@@ -144,18 +151,39 @@ class LabelStore:
                 )
             if existing is not None:
                 values: dict[str, Any] = {"token_hash": hash_token(token)}
-                if admin:
-                    values["is_admin"] = True
+                if admin is not None:
+                    values["is_admin"] = admin
                 conn.execute(annotators.update().where(annotators.c.id == existing.id).values(**values))
             else:
-                conn.execute(annotators.insert().values(name=name, token_hash=hash_token(token), is_admin=admin, created_at=now()))
+                conn.execute(annotators.insert().values(name=name, token_hash=hash_token(token), is_admin=bool(admin), created_at=now()))
         return token
+
+    def remove_annotator(self, name: str) -> None:
+        """Revoke an annotator: their token stops working and their pending tasks go to others. Their labels
+        stay in the database but no longer count: not in exports or statistics (unless asked for), and not
+        towards a task's M, so their tasks are handed out again."""
+        name = name.strip()
+        with write_transaction(self.engine) as conn:
+            row = conn.execute(select(annotators.c.id, annotators.c.removed_at).where(annotators.c.name == name)).first()
+            if row is None:
+                raise AlignkitError(f"there is no annotator '{name}'", fix="`alignkit label stats` lists the annotators")
+            if row.removed_at is not None:
+                raise AlignkitError(f"annotator '{name}' is already removed")
+            conn.execute(annotators.update().where(annotators.c.id == row.id).values(removed_at=now()))
+            # "removed" assignments neither hold a slot nor count as done when tasks are handed out.
+            conn.execute(
+                assignments.update()
+                .where(assignments.c.annotator_id == row.id, assignments.c.status.in_(("pending", "done")))
+                .values(status="removed")
+            )
 
     def authenticate(self, token: str | None) -> Annotator | None:
         if not token:
             return None
         with read_transaction(self.engine) as conn:
-            row = conn.execute(select(annotators).where(annotators.c.token_hash == hash_token(token))).first()
+            row = conn.execute(
+                select(annotators).where(annotators.c.token_hash == hash_token(token), annotators.c.removed_at.is_(None))
+            ).first()
         return None if row is None else Annotator(row.id, row.name, bool(row.is_admin))
 
     # --- import --------------------------------------------------------------------------------------------
@@ -166,6 +194,8 @@ class LabelStore:
         new: list[dict[str, Any]] = []
         for number, row in read_rows(path):
             try:
+                if isinstance(row, InvalidRecord):  # a line that is not JSON, as the reader reports it
+                    raise row
                 if not isinstance(row, dict):
                     raise InvalidRecord(f"a record must be a JSON object, not {type(row).__name__}")
                 completions = row.get("completions", row.get("responses"))
@@ -216,7 +246,7 @@ class LabelStore:
                 .order_by(assignments.c.id)
             ).all()
             for row in pending:
-                done = conn.execute(select(func.count()).select_from(labels).where(labels.c.task_id == row.id)).scalar_one()
+                done = conn.execute(_counted_labels(row.id)).scalar_one()
                 if done >= row.max_annotators:  # filled by others while this annotator was away
                     conn.execute(assignments.update().where(assignments.c.id == row.assignment_id).values(status="closed"))
                     continue
@@ -259,11 +289,14 @@ class LabelStore:
             if assignment is None:
                 raise Refused(409, f"task {task_id} was not given to you; ask GET /api/next for a task")
             if assignment.status != "pending":
-                what = {"done": "you already answered", "skipped": "you skipped", "closed": "others have filled"}[assignment.status]
+                what = {
+                    "done": "you already answered", "skipped": "you skipped", "closed": "others have filled",
+                    "removed": "you were removed as an annotator of",
+                }[assignment.status]  # fmt: skip
                 raise Refused(409, f"{what} task {task_id}")
             order = json.loads(assignment.shown_order)
             ranking = _check_answer(answer, task.mode, len(order), order)
-            done = conn.execute(select(func.count()).select_from(labels).where(labels.c.task_id == task_id)).scalar_one()
+            done = conn.execute(_counted_labels(task_id)).scalar_one()
             if done >= task.max_annotators:
                 raise Refused(409, f"task {task_id} already has its {task.max_annotators} labels")
             try:
@@ -290,14 +323,18 @@ class LabelStore:
 
     # --- reading -------------------------------------------------------------------------------------------
 
-    def labels(self) -> list[Label]:
+    def labels(self, *, include_removed: bool = False) -> list[Label]:
+        """Every label with its task; a removed annotator's only with `include_removed`."""
+        query = (
+            select(labels, tasks.c.mode, tasks.c.prompt, tasks.c.responses, tasks.c.max_annotators, annotators.c.name)
+            .join(tasks, tasks.c.id == labels.c.task_id)
+            .join(annotators, annotators.c.id == labels.c.annotator_id)
+            .order_by(labels.c.task_id, labels.c.id)
+        )
+        if not include_removed:
+            query = query.where(annotators.c.removed_at.is_(None))
         with read_transaction(self.engine) as conn:
-            rows = conn.execute(
-                select(labels, tasks.c.mode, tasks.c.prompt, tasks.c.responses, tasks.c.max_annotators, annotators.c.name)
-                .join(tasks, tasks.c.id == labels.c.task_id)
-                .join(annotators, annotators.c.id == labels.c.annotator_id)
-                .order_by(labels.c.task_id, labels.c.id)
-            ).all()
+            rows = conn.execute(query).all()
         return [
             Label(
                 r.task_id, r.mode, json.loads(r.prompt), json.loads(r.responses), r.max_annotators, r.name, r.verdict,
@@ -307,20 +344,24 @@ class LabelStore:
         ]
 
     def tasks_overview(self) -> dict[str, Any]:
-        """Counts of tasks by mode and by how many labels they have, and of each annotator's work."""
+        """Counts of tasks by mode and by how many labels they have, and of each annotator's work (removed
+        annotators and their labels left out)."""
+        active = select(annotators.c.id).where(annotators.c.removed_at.is_(None))
         with read_transaction(self.engine) as conn:
             per_task = (
                 select(tasks.c.id, tasks.c.mode, tasks.c.max_annotators, func.count(labels.c.id).label("n"))
-                .select_from(tasks.outerjoin(labels, labels.c.task_id == tasks.c.id))
+                .select_from(tasks.outerjoin(labels, and_(labels.c.task_id == tasks.c.id, labels.c.annotator_id.in_(active))))
                 .group_by(tasks.c.id, tasks.c.mode, tasks.c.max_annotators)
             ).subquery()
             task_rows = conn.execute(select(per_task.c.mode, per_task.c.max_annotators, per_task.c.n)).all()
             people = conn.execute(
                 select(annotators.c.name, annotators.c.is_admin, func.count(labels.c.id), func.avg(labels.c.seconds))
                 .select_from(annotators.outerjoin(labels, labels.c.annotator_id == annotators.c.id))
+                .where(annotators.c.removed_at.is_(None))
                 .group_by(annotators.c.id, annotators.c.name, annotators.c.is_admin)
                 .order_by(annotators.c.name)
             ).all()
+            removed = conn.execute(select(func.count()).select_from(annotators).where(annotators.c.removed_at.is_not(None))).scalar_one()
             pending = conn.execute(
                 select(func.count()).select_from(assignments).where(assignments.c.status == "pending", assignments.c.expires_at > now())
             ).scalar_one()
@@ -338,12 +379,22 @@ class LabelStore:
                 {"name": name, "admin": bool(admin), "labels": n, "mean_seconds": None if s is None else round(float(s), 1)}
                 for name, admin, n, s in people
             ],
+            "annotators_removed": removed,
         }
 
     def annotator_summary(self, annotator: Annotator) -> dict[str, Any]:
         with read_transaction(self.engine) as conn:
             done = conn.execute(select(func.count()).select_from(labels).where(labels.c.annotator_id == annotator.id)).scalar_one()
         return {"name": annotator.name, "admin": annotator.is_admin, "labelled": done}
+
+
+def _counted_labels(task_id: int) -> Select:
+    """The number of a task's labels that count towards its M: a removed annotator's do not."""
+    return (
+        select(func.count())
+        .select_from(labels.join(annotators, annotators.c.id == labels.c.annotator_id))
+        .where(labels.c.task_id == task_id, annotators.c.removed_at.is_(None))
+    )
 
 
 def _shown(row: Any, order: list[int]) -> ShownTask:

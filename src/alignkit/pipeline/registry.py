@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from alignkit.config import at_least
 from alignkit.errors import AlignkitError
 
 PACKAGES = ("alignkit", "torch", "transformers", "peft", "accelerate")
@@ -175,7 +176,7 @@ def read_runs(path: Path | None = None) -> list[dict[str, Any]]:
 class RunsConfig:
     """Options of `alignkit runs`."""
 
-    limit: int = 20
+    limit: int = at_least(0, 20)
     """show the N most recent runs (0: all)"""
     status: str = ""
     """show only runs with this status: running, done, failed, interrupted, or killed (recorded as running, but its process is gone)"""
@@ -185,8 +186,6 @@ class RunsConfig:
     """print the rows as JSON (every field) instead of a table"""
 
     def validate(self) -> None:
-        if self.limit < 0:
-            raise AlignkitError("--limit must be ≥ 0")
         for flag, value, choices in (("--status", self.status, STATUSES), ("--kind", self.kind, KINDS)):
             if value and value not in choices:
                 raise AlignkitError(f"{flag} must be one of {', '.join(choices)}, not {value!r}")

@@ -33,7 +33,7 @@ from typing import Any
 from alignkit.errors import AlignkitError
 from alignkit.io import write_json
 from alignkit.pipeline.registry import recorded
-from alignkit.pipeline.spec import REPORT, Pipeline, PlannedStage, load_pipeline, plan, suggest
+from alignkit.pipeline.spec import REPORT, Pipeline, PlannedStage, check_inputs, load_pipeline, plan, suggest
 
 
 @dataclass
@@ -212,6 +212,9 @@ def run_pipeline(config: RunConfig) -> list[Decision]:
     last = find_stage(stages, config.until, "--until", last=True) if config.until else len(stages) - 1
     state = State(pipeline.output / "pipeline.json")
     decisions = decide(stages[: last + 1], state, first, set(config.only) if config.only else None)
+    for decision in decisions:
+        if decision.action not in ("skip", "leave") and decision.stage.runs_command:
+            check_inputs(pipeline, decision.stage)
     if config.dry_run:
         print_plan(pipeline, decisions, configs)
         return decisions

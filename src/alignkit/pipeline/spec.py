@@ -50,6 +50,9 @@ OUTPUTS: dict[str, tuple[str, str | None]] = {
 }  # fmt: skip
 NOT_IN_PIPELINES = {"run": "a pipeline cannot run another pipeline", "runs": "it only lists runs",
                     "label serve": "it waits for annotators forever", "label add-annotator": "it prints a secret token"}  # fmt: skip
+INPUTS = ("data", "eval_data", "mix_data", "ptx_data", "prompts", "eval_prompts", "task_prompts", "heldout_data",
+          "samples", "agreement_with", "constitution", "responses", "baseline_responses", "inputs")
+"""options that name files a stage reads: those given as plain paths must exist before the first stage starts"""
 REPORT = "report"
 """In a pipeline, `report` writes the pipeline's page (OUTPUT/report.html), or in a round that round's page; with
 options it also runs `alignkit report` with them into OUTPUT/<stage>.html (e.g. `compare:`, a comparison page)."""
@@ -67,6 +70,12 @@ class Located(dict):
         super().__init__()
         self.line = line
         self.key_lines: dict[Any, int] = {}
+        self.set_by: dict[Any, str] = {}
+        """keys given by `--set` (to the `--set` item), which no line of the file holds"""
+
+    def where(self, key: Any, path: Path) -> str:
+        """FILE:LINE of `key`, or the `--set` item that gave it."""
+        return f"--set {self.set_by[key]}" if key in self.set_by else f"{path}:{self.key_lines.get(key, self.line)}"
 
 
 class _Loader(yaml.SafeLoader):
@@ -143,9 +152,13 @@ class Stage:
     path: Path
     line: int
     key_lines: dict[str, int]
+    set_by: dict[str, str] = dataclasses.field(default_factory=dict)
+    """keys given by `--set`, to the `--set` item"""
 
     def where(self, key: str | None = None, label: str | None = None) -> str:
-        """FILE:LINE: stage 'NAME' for errors, at the line of `key` when known."""
+        """FILE:LINE: stage 'NAME' for errors, at the line of `key` when known (or the `--set` item that gave it)."""
+        if key in self.set_by:
+            return f"--set {self.set_by[key]}"
         line = self.key_lines.get(key, self.line) if key else self.line
         return f"{self.path}:{line}: stage '{label or self.name}'"
 
@@ -192,7 +205,8 @@ class PlannedStage:
     def build(self) -> Any:
         """The command's config, checked as `alignkit CMD --config FILE` checks it."""
         where = self.stage.where(label=self.key)
-        config = build_config(self.command.config_class, self.settings, source=where)
+        config = build_config(self.command.config_class, self.settings, source=where,
+                              where_of=lambda key: self.stage.where(key, self.key))  # fmt: skip
         if hasattr(config, "validate"):
             try:
                 config.validate()
@@ -226,13 +240,19 @@ def apply_overrides(data: Located, overrides: Sequence[str], path: Path) -> None
         target, sep, text = item.partition("=")
         if not sep or not target:
             raise AlignkitError(f"--set {item!r} is not of the form stage.key=value or key=value")
-        value = yaml.safe_load(text) if text else ""
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise AlignkitError(f"--set {item!r}: the value is not valid YAML ({problem})",
+                                fix="quote text that YAML would read otherwise, e.g. --set 'sft.data=\"[1,\"'; a list is [1, 2]") from None  # fmt: skip
         if target in ("name", "output"):
             data[target] = value
         elif target == "rounds":
             if data.get("rounds") is None:
                 data["rounds"] = Located()
-            _mapping(data["rounds"], str(path), "'rounds'")["count"] = value
+            block = _mapping(data["rounds"], str(path), "'rounds'")
+            block["count"], block.set_by["count"] = value, item
         elif "." in target:
             name, _, key = target.partition(".")
             stages = [s for s in [*(data.get("stages") or []), *((data.get("rounds") or {}).get("stages") or [])] if isinstance(s, dict)]
@@ -244,11 +264,13 @@ def apply_overrides(data: Located, overrides: Sequence[str], path: Path) -> None
             settings = stage.get("with")
             if settings is None:
                 settings = stage["with"] = Located(getattr(stage, "line", 0))
-            _mapping(settings, str(path), "'with'")[key] = value
+            block = _mapping(settings, str(path), "'with'")
+            block[key], block.set_by[key] = value, item
         else:
             if data.get("defaults") is None:
                 data["defaults"] = Located()
-            _mapping(data["defaults"], str(path), "'defaults'")[target] = value
+            block = _mapping(data["defaults"], str(path), "'defaults'")
+            block[target], block.set_by[target] = value, item
 
 
 def _stages(items: Any, path: Path, line: int, where_list: str, seen: set[str]) -> list[Stage]:
@@ -275,17 +297,19 @@ def _stages(items: Any, path: Path, line: int, where_list: str, seen: set[str]) 
         raw = _mapping(item.get("with"), where, "'with'")
         settings = {str(k).replace("-", "_"): v for k, v in raw.items()}
         key_lines = {str(k).replace("-", "_"): raw.key_lines.get(k, raw.line) for k in raw} if raw else {}
+        set_by = {str(k).replace("-", "_"): text for k, text in raw.set_by.items()}
+        stage = Stage(name, command, settings, path, item.line, key_lines, set_by)
         allowed = command.settable()
         for key in settings:
             if key not in allowed:
-                key_where = f"{path}:{key_lines.get(key, item.line)}: stage '{name}'"
+                key_where = stage.where(key)
                 if key in command.fields():
                     raise AlignkitError(f"'{key}' is set by the pipeline", where=key_where,
                                         fix=f"the output is OUTPUT/{name}; other stages refer to it as ${{{name}}}"
                                         if key != "action" else f"give the action in the command, e.g. command: {command.text.split()[0]} score")  # fmt: skip
                 raise AlignkitError(f"unknown option '{key}' of {command.text}", where=key_where,
                                     fix=suggest(key, allowed) or f"see alignkit {command.text.split()[0]} --help")  # fmt: skip
-        stages.append(Stage(name, command, settings, path, item.line, key_lines))
+        stages.append(stage)
     return stages
 
 
@@ -308,14 +332,14 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
         _check_keys(block, ROUND_KEYS, path, "'rounds'")
         rounds = block.get("count")
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-            raise AlignkitError(f"rounds: count must be a whole number ≥ 1, not {rounds!r}", where=f"{path}:{block.line}")
+            raise AlignkitError(f"rounds: count must be a whole number ≥ 1, not {rounds!r}", where=block.where("count", path))
         round_stages = _stages(block.get("stages"), path, block.line, "rounds: stages", seen)
     defaults_block = _mapping(data.get("defaults"), f"{path}:{data.key_lines.get('defaults', 1)}", "'defaults'")
     defaults = {str(k).replace("-", "_"): v for k, v in defaults_block.items()}
     known = sorted({f for s in stages + round_stages for f in s.command.settable()})
     for key in defaults:
         if key not in known:
-            raise AlignkitError(f"default '{key}' is an option of no stage's command", where=f"{path}:{defaults_block.key_lines.get(key, defaults_block.line)}",
+            raise AlignkitError(f"default '{key}' is an option of no stage's command", where=defaults_block.where(key, path),
                                 fix=suggest(key, known) or "defaults hold options shared by several stages, e.g. model or seed")  # fmt: skip
     name = str(data.get("name") or path.stem)
     return Pipeline(path, name, Path(str(data["output"])), defaults, stages, rounds, round_stages, _as_dicts(data))
@@ -416,6 +440,29 @@ def plan(pipeline: Pipeline) -> list[PlannedStage]:
         else:
             previous = current
     return planned
+
+
+def check_inputs(pipeline: Pipeline, stage: PlannedStage) -> None:
+    """The files a stage reads and names by a plain path (not by another stage's output, which appears only when that
+    stage runs) exist: a typo in the last stage's data path costs seconds, not the hours of the stages before it."""
+    from alignkit.data.loading import is_hub_name
+
+    for key in INPUTS:
+        given = stage.stage.settings.get(key, pipeline.defaults.get(key))
+        if key not in stage.settings or _names_a_stage(given):
+            continue
+        value = stage.settings[key]
+        for path in value if isinstance(value, list) else [value]:
+            if isinstance(path, str) and path and not path.startswith("builtin:") and not is_hub_name(path) and not Path(path).exists():
+                raise AlignkitError(f"'{key}': {path} does not exist", where=stage.stage.where(key, stage.key),
+                                    fix="check the path (a relative path starts from the directory alignkit runs in; "
+                                    "${here} is the pipeline file's)")  # fmt: skip
+
+
+def _names_a_stage(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_names_a_stage(v) for v in value)
+    return isinstance(value, str) and any(m.group(1).strip() not in VARIABLES for m in REFERENCE.finditer(value))
 
 
 def _output_of(stage: PlannedStage, key: str, where: str) -> str:

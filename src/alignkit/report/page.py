@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignkit.config import at_least
 from alignkit.errors import AlignkitError
 from alignkit.evaluation.diagnostics import CHECKPOINTS_FILE, Alarm, checkpoint_alarms, length_drift_alarm, mode_collapse_alarm
 from alignkit.evaluation.ifeval import LEVELS, sorted_types
@@ -29,7 +30,7 @@ class ReportConfig:
     """run directories (the --output of a training run or of alignkit eval), one page each"""
     output: str = ""
     """where to write the page (default: RUN_DIR/report.html); only with a single run directory; with --compare, PATH.html (PATH.json and PATH.md beside it)"""
-    samples: int = SAMPLES_SHOWN
+    samples: int = at_least(0, SAMPLES_SHOWN)
     """how many sample prompts to show side by side"""
     compare: list[str] = field(default_factory=list)
     """instead of run directories: IFEval results of several methods on one page, each NAME=EVAL_DIR or NAME=EVAL_DIR@TRAIN_DIR (the training run, or the file `alignkit generate` wrote)"""

@@ -35,6 +35,7 @@ import numbers
 import os
 import re
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
@@ -44,11 +45,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from alignkit.data.records import Prompt
-from alignkit.errors import AlignkitError
+from alignkit.data.records import Prompt, PromptWithAnswer
+from alignkit.errors import AlignkitError, DataError
 
 __all__ = [
     "R1_FORMAT",
+    "REWARD_TIMEOUT",
     "SCORER_KINDS",
     "CheckedScorer",
     "ExactMatch",
@@ -58,6 +60,7 @@ __all__ = [
     "Scorer",
     "WeightedSum",
     "build_scorer",
+    "check_references",
     "checked_scores",
     "extract_final_number",
     "guard",
@@ -212,6 +215,12 @@ class CheckedScorer:
     ) -> Sequence[float] | torch.Tensor:
         raise NotImplementedError
 
+    def reference_problem(self, reference: str) -> str | None:
+        """Why this scorer cannot use `reference`, or None; `check_references` asks it of every prompt at load time."""
+        if self.needs_references and not reference.strip():
+            return f"{self.kind} '{self.name}' compares completions with a reference answer, and this prompt has none"
+        return None
+
     def _check_inputs(
         self, prompts: Sequence[Prompt], completions: Sequence[str], references: Sequence[str] | None
     ) -> None:
@@ -254,6 +263,20 @@ class _Guarded(CheckedScorer):
 
     def __repr__(self) -> str:
         return f"guard({self.inner!r}, name={self.name!r})"
+
+
+def check_references(scorer: Scorer | None, records: Sequence[PromptWithAnswer]) -> None:
+    """Stop at the first prompt whose reference answer `scorer` cannot use, naming its file and line: at load time,
+    not when that prompt is first sampled, possibly hours into a run."""
+    problem = getattr(scorer, "reference_problem", None)
+    if problem is None:
+        return
+    for record in records:
+        if (what := problem(record.answer)) is not None:
+            path, _, line = record.origin.rpartition(":")
+            raise DataError(what, path=path or record.origin, line=int(line) if line.isdigit() else None,
+                            fix="give each prompt a reference answer the scorer can read (for gsm8k: GSM8K's `final` "
+                            "field, the number after ####), or leave such prompts out")  # fmt: skip
 
 
 def guard(scorer: Any, name: str | None = None) -> Scorer:
@@ -409,7 +432,8 @@ class Gsm8kVerifier(CheckedScorer):
 
     The completion's number comes from `extract_final_number`. A reference is GSM8K's `final` field ("18",
     "-10", "1,000") or a whole worked solution ending in `#### N`; both are normalised the same way. A
-    reference with no number in it is a data error and stops the run with its index.
+    reference with no number in it is a data error: `check_references` reports it with its file and line when
+    the prompts are loaded, and `score` with its index.
     """
 
     needs_references = True
@@ -417,10 +441,19 @@ class Gsm8kVerifier(CheckedScorer):
     def __init__(self, name: str = "gsm8k"):
         self.name = name
 
+    @staticmethod
+    def expected(reference: str) -> str | None:
+        return normalize_number(reference) or extract_final_number(reference)
+
+    def reference_problem(self, reference: str) -> str | None:
+        if self.expected(reference) is None:
+            return f"scorer '{self.name}': the reference answer has no number in it: {_short(reference)}"
+        return None
+
     def raw_scores(self, prompts, completions, references):
         scores = []
         for i, (completion, reference) in enumerate(zip(completions, references)):
-            expected = normalize_number(reference) or extract_final_number(reference)
+            expected = self.expected(reference)
             if expected is None:
                 raise AlignkitError(
                     f"scorer '{self.name}': reference {i} has no number in it: {_short(reference)}",
@@ -487,6 +520,8 @@ class RegexFormat(CheckedScorer):
 # User functions
 
 _REWARD_ARGUMENTS = ("prompts", "completions", "references")
+REWARD_TIMEOUT = 60.0
+"""seconds one call of a user's reward function may take (`--reward-timeout`)"""
 
 
 def load_function(target: str) -> Callable:
@@ -572,11 +607,17 @@ class PythonFunction(CheckedScorer):
     question is `prompt[-1].content`) and `references` (a list of str, or None when the data has no
     answers) are optional, and `**kwargs` receives all three. Its output passes the checks of
     `checked_scores`, whose errors name the function and its import path.
+
+    Each call runs in a worker thread, so that a call that hangs becomes an error naming the function after
+    `timeout` seconds (0: no limit) instead of a run that waits forever, and one that calls `sys.exit` an error
+    instead of the end of the run. A thread, not a process: the call costs microseconds more and the function
+    sees the process's state (its imports, its caches) as it would when called directly.
     """
 
     kind = "reward function"
 
-    def __init__(self, target: str | Callable, name: str | None = None):
+    def __init__(self, target: str | Callable, name: str | None = None, timeout: float = REWARD_TIMEOUT):
+        self.timeout = timeout
         if callable(target):
             self.fn = target
             self.where = f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', target)}"
@@ -617,7 +658,39 @@ class PythonFunction(CheckedScorer):
             "completions": list(completions),
             "references": None if references is None else list(references),
         }
-        return self.fn(**{a: given[a] for a in self._arguments})
+        return self._in_worker(lambda: self.fn(**{a: given[a] for a in self._arguments}))
+
+    def _in_worker(self, call: Callable[[], Any]) -> Any:
+        outcome: list[tuple[bool, Any]] = []
+
+        def work() -> None:
+            try:
+                outcome.append((True, call()))
+            except BaseException as exc:  # SystemExit too: whether the run ends is the run's decision, not the function's
+                outcome.append((False, exc))
+
+        # A daemon thread: one still hanging after the timeout must not keep the process from exiting.
+        worker = threading.Thread(target=work, name=f"reward function {self.name}", daemon=True)
+        worker.start()
+        worker.join(self.timeout or None)
+        if not outcome:
+            raise AlignkitError(
+                f"reward function '{self.name}' did not return within {self.timeout:g} s (--reward-timeout)",
+                where=self.where,
+                fix="find where it waits or loops (call it by hand on a few completions); if it is slow by design, "
+                "raise --reward-timeout (0: no limit)",
+            )
+        returned, value = outcome[0]
+        if returned:
+            return value
+        if isinstance(value, SystemExit):
+            raise AlignkitError(
+                f"reward function '{self.name}' called sys.exit({'' if value.code is None else repr(value.code)}) "
+                "instead of returning scores",
+                where=self.where,
+                fix="return one score per completion; raise an exception to report a problem",
+            )
+        raise value
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -643,6 +716,10 @@ class WeightedSum(CheckedScorer):
                 )
             self.parts.append((guard(scorer), float(weight)))
         self.name = name or "+".join(f"{s.name}*{w:g}" for s, w in self.parts)
+
+    def reference_problem(self, reference: str) -> str | None:
+        problems = (getattr(scorer, "reference_problem", lambda _: None)(reference) for scorer, _ in self.parts)
+        return next((p for p in problems if p is not None), None)
 
     def score_parts(self, prompts, completions, references=None) -> dict[str, torch.Tensor]:
         """Each part's own (unweighted) scores, keyed by its name (made unique with #2, #3, ...)."""
@@ -681,7 +758,7 @@ _WEIGHT = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _TERM_SPLIT = re.compile(rf"\s*\+\s*(?=(?:{_WEIGHT}\s*\*\s*)?(?:{'|'.join(SCORER_KINDS)})(?![\w.-]))")
 
 
-def build_scorer(spec: str) -> Scorer:
+def build_scorer(spec: str, *, timeout: float = REWARD_TIMEOUT) -> Scorer:
     """The scorer a reward spec describes: `KIND[:ARG]` terms, each optionally weighted, joined by `+`.
 
         gsm8k                          GSM8K correctness
@@ -691,11 +768,12 @@ def build_scorer(spec: str) -> Scorer:
 
     A weight is a trailing `*NUMBER` (or a leading `NUMBER*`); a term with no weight has weight 1. One
     unweighted term gives that scorer itself, anything else a `WeightedSum`. A regex that itself ends in
-    `*NUMBER` must take a leading weight (`1*format:a*2`). The kinds are listed in `SCORER_KINDS`.
+    `*NUMBER` must take a leading weight (`1*format:a*2`). The kinds are listed in `SCORER_KINDS`. `timeout`
+    limits each call of a user function (`PythonFunction`).
     """
     if not spec or not spec.strip():
         raise AlignkitError("the reward spec is empty", fix=_kinds_fix())
-    parts = [_parse_term(term.strip(), spec) for term in _TERM_SPLIT.split(spec.strip())]
+    parts = [_parse_term(term.strip(), spec, timeout) for term in _TERM_SPLIT.split(spec.strip())]
     if len(parts) == 1 and parts[0][1] == 1.0:
         return parts[0][0]
     return WeightedSum(parts)
@@ -705,7 +783,7 @@ def _kinds_fix() -> str:
     return "valid rewards:\n     " + "\n     ".join(SCORER_KINDS.values()) + "\n   combine them as gsm8k*1.0+format*0.2"
 
 
-def _parse_term(term: str, spec: str) -> tuple[Scorer, float]:
+def _parse_term(term: str, spec: str, timeout: float) -> tuple[Scorer, float]:
     weight = 1.0
     if m := re.fullmatch(rf"({_WEIGHT})\s*\*\s*(.+)", term, re.DOTALL):
         weight, term = float(m[1]), m[2]
@@ -736,7 +814,7 @@ def _parse_term(term: str, spec: str) -> tuple[Scorer, float]:
     if kind == "format":
         return (RegexFormat(arg) if arg else RegexFormat()), weight
     if kind == "python":
-        return PythonFunction(argument("a function")), weight
+        return PythonFunction(argument("a function"), timeout=timeout), weight
     if kind == "rm":
         return _load_reward_model(argument("a path")), weight
     if kind in ("ifeval", "ifeval_all"):
