@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from alignkit.cli import main
-from alignkit.config import build_config
+from alignkit.config import build_config, read_yaml_config
 from alignkit.data.loading import load_records
-from alignkit.errors import AlignkitError
+from alignkit.errors import AlignkitError, DataError
+from alignkit.judge.prompts import load_template
 from alignkit.models import TINY_LLAMA
 from alignkit.rewards.verifiers import PythonFunction, build_scorer, check_references
 from conftest import SFT_DATA, write_jsonl
@@ -192,6 +193,17 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
         load_records(str(whole), "text")
 
 
+def test_the_prompt_builders_readers_name_the_file_and_line(tmp_path):
+    from alignkit.data.constraints import read_bases
+    from alignkit.data.decontaminate import read_prompts
+
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b'{"prompt": "Write a poem."}\n{"prompt": "caf\xe9"}\n')
+    for read in (lambda: read_bases([path]), lambda: read_prompts(path)):
+        with pytest.raises(AlignkitError, match=rf"{path}:2: not UTF-8 text"):
+            read()
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_a_byte_order_mark_is_read_past(tmp_path, suffix):
     path = tmp_path / f"bom{suffix}"
@@ -200,6 +212,39 @@ def test_a_byte_order_mark_is_read_past(tmp_path, suffix):
     path.write_bytes(b"\xef\xbb\xbf" + body.encode())
     records, _ = load_records(str(path), "text")
     assert [r.text for r in records] == ["first", "second"]
+
+
+@pytest.mark.parametrize(
+    ("body", "what"),
+    [("[" * 100_000, "nested too deeply"),
+     ('[{"text": "fine"},\n {"text": "big", "n": ' + "9" * 5000 + "}]", "value has 5000 digits")],
+    ids=["deep", "huge-integer"],
+)  # fmt: skip
+def test_unreadable_json_in_a_whole_json_file_names_the_file(tmp_path, body, what):
+    # Before: RecursionError or ValueError escaped as an internal error (the .jsonl reader already caught them).
+    path = tmp_path / "data.json"
+    path.write_text(body)
+    for skip_invalid in (False, True):
+        with pytest.raises(DataError, match=rf"^{path}: JSON that cannot be read \(.*{what}") as caught:
+            load_records(str(path), "text", skip_invalid=skip_invalid)
+        assert "set_int_max_str_digits" not in caught.value.render() and ".jsonl" in caught.value.fix
+
+
+def test_yaml_and_template_files_that_are_not_utf8_name_the_line_and_a_bom_is_read_past(capsys, tmp_path):
+    # Before: "internal error: UnicodeDecodeError … position 26", with no file or line.
+    config = tmp_path / "sft.yaml"
+    config.write_bytes(b"data: d.jsonl\noutput: caf\xe9\n")
+    assert_refused(*cli(capsys, "sft", "--config", config), f"{config}:2: not UTF-8 text (byte 0xe9 at byte 12 of the line)")
+    config.write_bytes(b"\xef\xbb\xbfdata: d.jsonl\nmax_steps: 3\n")
+    assert read_yaml_config(config) == {"data": "d.jsonl", "max_steps": 3}
+
+    template = tmp_path / "judge.txt"
+    body = "Which is better?\n{prompt}\nA: {answer_a}\nB: {answer_b}\n"
+    template.write_bytes(body.encode() + b"caf\xe9\n")
+    with pytest.raises(DataError, match=rf"^{template}:5: not UTF-8 text"):
+        load_template(str(template))
+    template.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert load_template(str(template)).text == body
 
 
 @pytest.mark.parametrize(

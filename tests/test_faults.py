@@ -2,10 +2,11 @@
 two runs on one output directory, data changed under a resumed run, damaged checkpoints and a full disk.
 
 Most tests drive `engine.train` with a 5-weight linear model, which writes real accelerate checkpoints in a
-fraction of a second; the findings that concern a command (`sft`, `dpo`) run it on the tiny random model."""
+fraction of a second; the findings that concern a command (`sft`, `dpo`, `kto`) run it on the tiny random model."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -13,21 +14,26 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
 import torch
 
+from alignkit.algorithms import sft
 from alignkit.algorithms.dpo import run_dpo
+from alignkit.algorithms.kto import run_kto
 from alignkit.algorithms.sft import run_sft
 from alignkit.cli import COMMANDS, load_target
 from alignkit.data.builtin import BUILTIN
 from alignkit.engine import DATA_OPTIONS, EngineConfig, RunResult, Shuffled, input_digests, train
 from alignkit.errors import AlignkitError
 from alignkit.io import LOCK_NAME, write_json
+from alignkit.reference import reference_cache
 from conftest import write_jsonl
 from test_dpo import config as dpo_config
+from test_kto import config as kto_config
 from test_sft import tiny_config
 
 
@@ -126,8 +132,9 @@ def test_a_diverged_step_names_the_last_good_checkpoint_and_saves_nothing(tmp_pa
 # Finding 9: a second run on the same --output "resumed" from the first one's checkpoint while it trained.
 
 
-def test_a_second_run_on_a_locked_output_refuses_at_once_and_a_killed_holder_blocks_nothing(tmp_path):
-    out = tmp_path / "out"
+@contextlib.contextmanager
+def locked_by_another_process(out: Path) -> Iterator[int]:
+    """`out` locked by another process (its pid is given) for the block, which ends it with kill -9."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from alignkit.io import output_lock\n"
          f"with output_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)"],
@@ -135,16 +142,34 @@ def test_a_second_run_on_a_locked_output_refuses_at_once_and_a_killed_holder_blo
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(AlignkitError) as caught:
-            toy_run(out)
-        assert "another run is using this output directory" in caught.value.what
-        assert f"pid {holder.pid}" in caught.value.what and caught.value.where == str(out)
-        assert not (out / "run.json").exists()  # refused before touching anything
+        yield holder.pid
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(timeout=30)
+
+
+def test_a_second_run_on_a_locked_output_refuses_at_once_and_a_killed_holder_blocks_nothing(tmp_path):
+    out = tmp_path / "out"
+    with locked_by_another_process(out) as pid:
+        with pytest.raises(AlignkitError) as caught:
+            toy_run(out)
+        assert "another run is using this output directory" in caught.value.what
+        assert f"pid {pid}" in caught.value.what and caught.value.where == str(out)
+        assert not (out / "run.json").exists()  # refused before touching anything
     assert (out / LOCK_NAME).exists()  # what kill -9 leaves behind
     assert toy_run(out).status == "complete"
+
+
+def test_a_command_on_a_locked_output_refuses_before_loading_data_or_model(tmp_path, monkeypatch):
+    # Before: sft loaded the tokenizer, the data and the model, and was refused only when train() took the lock.
+    def loaded(*args, **kwargs):
+        pytest.fail("loaded the tokenizer before taking the lock")
+
+    monkeypatch.setattr(sft, "load_tokenizer", loaded)
+    config = tiny_config(tmp_path)
+    with locked_by_another_process(Path(config.output)) as pid:
+        with pytest.raises(AlignkitError, match=f"another run is using this output directory \\(pid {pid} "):
+            sft.run_sft(config)
 
 
 # Finding 10: data replaced between kill and resume was trained on without a word.
@@ -203,6 +228,21 @@ def test_dpo_overwrite_on_other_data_replaces_the_old_reference_cache(tmp_path):
     run_dpo(dpo_config(tmp_path, pairs("+", doubled), **settings))
     # Before: "the reference cache was made for another data" although --overwrite starts afresh.
     assert run_dpo(dpo_config(tmp_path, pairs("*", squared), overwrite=True, **settings))["steps"] == 1
+
+
+def test_kto_overwrite_replaces_the_old_reference_cache_but_never_a_given_one(tmp_path):
+    def labelled(name: str, completion: str) -> Path:
+        rows = [{"prompt": f"{i} plus {i}?", "completion": completion.format(i), "label": i % 2 == 0} for i in range(8)]
+        return write_jsonl(tmp_path / f"{name}.jsonl", rows)
+
+    settings = dict(max_steps=1, batch_size=4, eval_fraction=0.0)
+    run_kto(kto_config(tmp_path, labelled("first", "{}."), **settings))
+    # Before: kto --overwrite kept the old cache and refused it as "made for another data".
+    assert run_kto(kto_config(tmp_path, labelled("second", "It is {}."), overwrite=True, **settings))["steps"] == 1
+
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"the user's own cache")
+    assert reference_cache(tmp_path / "out", str(mine), overwrite=True) == mine and mine.exists()
 
 
 # Finding 12: a damaged latest checkpoint was fatal, and a full disk gave "[enforce fail at inline_container…]",
@@ -274,6 +314,29 @@ def test_a_full_disk_mid_checkpoint_is_reported_and_leaves_no_partial_directory(
     assert f"it resumes from {out / 'checkpoints' / 'step-0000002'}" in caught.value.fix
     assert checkpoint_steps(out) == ["step-0000001", "step-0000002"]  # no .tmp-step-0000003
     assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("command", ["dpo", "kto"])
+def test_a_full_disk_while_the_reference_cache_is_written_is_reported(tmp_path, monkeypatch, command):
+    # Before: "internal error: OSError: [Errno 28] No space left on device".
+    real_save = torch.save
+
+    def no_space_for_the_cache(obj, target, *args, **kwargs):
+        if "reference_logps" in str(target):
+            Path(target).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", no_space_for_the_cache)
+    rows = [{"prompt": f"{i} plus {i}?", "chosen": f"{i + i}.", "rejected": "no."} for i in range(8)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    config = (dpo_config if command == "dpo" else kto_config)(tmp_path, data, max_steps=1, batch_size=4, eval_fraction=0.0)
+    with pytest.raises(AlignkitError) as caught:
+        (run_dpo if command == "dpo" else run_kto)(config)
+    out = Path(config.output)
+    assert caught.value.what.startswith("the disk is full") and caught.value.where == str(out)
+    assert "no checkpoint was kept" in caught.value.fix
+    assert not list(out.glob("reference_logps*"))  # neither the cache nor its temporary file
 
 
 def test_a_full_disk_at_the_final_save_keeps_the_checkpoints(tmp_path):

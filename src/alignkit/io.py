@@ -1,25 +1,28 @@
 """Small file helpers shared by every command: atomic writes, file digests, the lock on an output directory, and
-YAML reading with located errors."""
+reading UTF-8 text and YAML with located errors."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from filelock import FileLock, Timeout
 
-from alignkit.errors import AlignkitError
+from alignkit.errors import AlignkitError, DataError
 
 LOCK_NAME = ".alignkit.lock"
+Result = TypeVar("Result")
 
 
 def _replace_from_tmp(path: Path, text: str) -> None:
@@ -95,8 +98,8 @@ def output_lock(output: Path) -> Iterator[None]:
     """Hold an exclusive lock on the output directory for the block, or refuse at once if another run holds it.
 
     The lock is the operating system's (flock, through `filelock`): it dies with its process, so a run killed
-    with -9 leaves only a file that the next run locks again. Blocks nest within one process (an algorithm that
-    prepares the directory before `train()` takes the lock again). Only the first process of a multi-process
+    with -9 leaves only a file that the next run locks again. Blocks nest within one process (a command's run
+    function takes it through `locks_output`, and `train()` takes it again). Only the first process of a multi-process
     run (RANK 0, as torchrun and accelerate set it) takes it; the others write nothing there on their own.
     """
     if os.environ.get("RANK", "0") != "0":
@@ -125,13 +128,49 @@ def output_lock(output: Path) -> Iterator[None]:
         lock.release()
 
 
+def locks_output(run: Callable[[Any], Result]) -> Callable[[Any], Result]:
+    """A command's run function that holds `output_lock` on its config's --output from start to end: a second run
+    on a busy directory refuses at once, before it loads any data or model, and whatever the run writes there
+    before training (sampled pairs, a reference cache) is its own."""
+
+    @functools.wraps(run)
+    def locked(config: Any) -> Result:
+        with output_lock(Path(config.output)):
+            return run(config)
+
+    return locked
+
+
+def utf8(data: bytes) -> str:
+    """`data` as text; a byte-order mark in front (some Windows editors write one) is not part of the text."""
+    return data.removeprefix(codecs.BOM_UTF8).decode("utf-8")
+
+
+def not_utf8(data: bytes, exc: UnicodeDecodeError) -> tuple[int, str]:
+    """The line (from 1) of the first byte of `data` that is not UTF-8, and what to say about it."""
+    start = exc.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+    column = start - data.rfind(b"\n", 0, start)
+    return data.count(b"\n", 0, start) + 1, f"not UTF-8 text (byte 0x{data[start]:02x} at byte {column} of the line)"
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a UTF-8 file, past a byte-order mark; bytes that are not UTF-8 are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return utf8(data)
+    except UnicodeDecodeError as exc:
+        line, what = not_utf8(data, exc)
+        raise DataError(what, path=str(path), line=line, fix="save the file as UTF-8") from None
+
+
 def read_yaml(path: str | Path, *, what: str, fix: str, loader: type = yaml.SafeLoader) -> Any:
-    """Parse a YAML file; a missing file or a syntax error is an AlignkitError naming the file (and line)."""
+    """Parse a YAML file; a missing file, bytes that are not UTF-8 or a syntax error is an AlignkitError naming the
+    file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise AlignkitError(f"{what} {path} does not exist", fix=fix)
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+        return yaml.load(read_utf8(path), Loader=loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

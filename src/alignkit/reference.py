@@ -58,6 +58,27 @@ def model_identity(name: str) -> dict[str, object]:
     return {**model_fingerprint(name), "weights": [(w.name, w.stat().st_size, int(w.stat().st_mtime)) for w in weights]}
 
 
+def reference_cache(output: Path, given: str, overwrite: bool) -> Path:
+    """Where a run caches its reference log-probs: `given` (--reference-cache), or OUTPUT/reference_logps.pt.
+
+    Starting afresh in OUTPUT (--overwrite) discards the cache made there for the old run's data, and its held-out
+    twin; a --reference-cache of the user's own is theirs to keep (one made for other data is refused, never
+    overwritten).
+    """
+    if given:
+        return Path(given)
+    cache = output / "reference_logps.pt"
+    if overwrite:
+        for stale in (cache, held_out_cache(cache)):
+            stale.unlink(missing_ok=True)
+    return cache
+
+
+def held_out_cache(cache: Path) -> Path:
+    """The cache of the held-out examples' reference log-probs, beside the training one."""
+    return cache.with_name(cache.stem + ".eval.pt")
+
+
 def cached_reference_logprobs(
     model: TokenLogprobModel,
     model_name: str,

@@ -25,15 +25,16 @@ from alignkit.config import above, at_least, within
 from alignkit.data.comparisons import Comparison, ComparisonBatch, collate_comparisons, encode_comparisons
 from alignkit.data.records import PreferencePair, Ranking
 from alignkit.data.tokenize import IGNORE
-from alignkit.engine import EngineConfig, Shuffled, items_trained_on, make_accelerator, train
+from alignkit.engine import EngineConfig, Shuffled, disk_full_reported, items_trained_on, make_accelerator, train
 from alignkit.errors import AlignkitError
 from alignkit.generation import sample_best_of
-from alignkit.io import output_lock, write_jsonl
+from alignkit.io import locks_output, write_jsonl
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses import preference as L
 from alignkit.losses.preference import PreferenceLoss
 from alignkit.models import describe, load_tokenizer, save_model
 from alignkit.options import DataOptions, ModelOptions, ScorerOptions
+from alignkit.reference import cached_reference_logprobs, held_out_cache, reference_cache
 
 DEFAULT_BETA = {PreferenceLoss.SIMPO: 2.0}
 
@@ -226,8 +227,6 @@ def attach_reference(
     needed: set[int] | None = None,
 ) -> None:  # fmt: skip
     """Reference log-probs of the responses of the `needed` comparisons (default: all); NaN for the others."""
-    from alignkit.reference import cached_reference_logprobs
-
     starts = [0]
     for c in comparisons:
         starts.append(starts[-1] + len(c.responses))
@@ -283,13 +282,8 @@ def sample_onpolicy_pairs(config: DPOConfig, pairs_file: Path) -> None:
           f"{config.num_samples} samples scored alike, or fewer than two were non-blank) -> {pairs_file}")  # fmt: skip
 
 
+@locks_output
 def run_dpo(config: DPOConfig) -> dict:
-    # Held from the start: the on-policy pairs and the reference cache are written to OUTPUT before training.
-    with output_lock(Path(config.output)):
-        return _run_dpo(config)
-
-
-def _run_dpo(config: DPOConfig) -> dict:
     if config.prompts:
         pairs_file = Path(config.output) / "onpolicy_pairs.jsonl"
         if config.overwrite or not pairs_file.exists():
@@ -317,17 +311,13 @@ def _run_dpo(config: DPOConfig) -> dict:
         log("shared prompts off: this model's attention does not take the mask that keeps a prompt's responses apart")
     stream = Shuffled(comparisons, config.batch_size, lambda chunk: collate_comparisons(chunk, pad_id, pack_to, share_prompts), config.seed)
     if config.kind.needs_reference and config.reference == "precompute":
-        cache = Path(config.reference_cache) if config.reference_cache else output / "reference_logps.pt"
-        if config.overwrite and not config.reference_cache:
-            # Starting afresh in OUTPUT discards the cache made there for the old run's data (a --reference-cache
-            # of the user's own is theirs to keep: one made for other data is refused, never overwritten).
-            for stale in (cache, cache.with_name(cache.stem + ".eval.pt")):
-                stale.unlink(missing_ok=True)
+        cache = reference_cache(output, config.reference_cache, config.overwrite)
         trained_on = items_trained_on(config, stream, accelerator.num_processes)
         log(f"reference log-probs of the {len(trained_on)} pairs this run trains on: {cache}")
-        attach_reference(policy, config, comparisons, pad_id, cache, trained_on)
-        if eval_comparisons:
-            attach_reference(policy, config, eval_comparisons, pad_id, cache.with_name(cache.stem + ".eval.pt"))
+        with disk_full_reported(output):
+            attach_reference(policy, config, comparisons, pad_id, cache, trained_on)
+            if eval_comparisons:
+                attach_reference(policy, config, eval_comparisons, pad_id, held_out_cache(cache))
 
     extra: dict = {"train_pairs": len(comparisons), "truncation": cut.summary(), **describe(policy)}
     if eval_comparisons and not (output / "summary.json").exists():

@@ -32,6 +32,7 @@ from alignkit.data.tokenize import IGNORE, Batch, collate, collate_with_prefixes
 from alignkit.engine import Shuffled, train
 from alignkit.evaluation.tracking import held_out_tracker
 from alignkit.generation import Sample, SamplingParams, TransformersGenerator, rollout_rows
+from alignkit.io import locks_output
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses.policy import KLEstimator, clipped_surrogate, group_advantages, kl_penalty, penalise_cut, rloo_advantages
 from alignkit.models import describe, save_model
@@ -215,6 +216,7 @@ class GRPOLoss:
         }
 
 
+@locks_output
 def run_grpo(config: GRPOConfig) -> dict:
     run = start_online_run(config)
     policy, log = run.policy, run.log

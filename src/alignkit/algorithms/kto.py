@@ -19,13 +19,14 @@ from alignkit.config import above, at_least
 from alignkit.data.loading import read_rows
 from alignkit.data.records import LabelledCompletion, PreferencePair
 from alignkit.data.tokenize import Batch, Example, TruncationReport, collate, encode_prompt_completion, truncate_together
-from alignkit.engine import EngineConfig, Shuffled, items_trained_on, make_accelerator, train
+from alignkit.engine import EngineConfig, Shuffled, disk_full_reported, items_trained_on, make_accelerator, train
 from alignkit.errors import AlignkitError
+from alignkit.io import locks_output
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses.preference import kto_loss
 from alignkit.models import describe, load_tokenizer, save_model
 from alignkit.options import DataOptions, ModelOptions
-from alignkit.reference import cached_reference_logprobs
+from alignkit.reference import cached_reference_logprobs, held_out_cache, reference_cache
 
 
 @dataclass
@@ -180,6 +181,7 @@ def attach_reference(
         example.ref = (logps[i], logps[len(examples) + i])
 
 
+@locks_output
 def run_kto(config: KTOConfig) -> dict:
     accelerator = make_accelerator(config)
     log = accelerator.print
@@ -195,11 +197,12 @@ def run_kto(config: KTOConfig) -> dict:
     policy = config.build_policy()
     log(f"model {config.model}: {describe(policy)}")
     output = Path(config.output)
-    cache = Path(config.reference_cache) if config.reference_cache else output / "reference_logps.pt"
+    cache = reference_cache(output, config.reference_cache, config.overwrite)
     stream = Shuffled(examples, config.batch_size, lambda chunk: collate_kto(chunk, pad_id), config.seed)
-    attach_reference(policy, config, examples, pad_id, cache, items_trained_on(config, stream, accelerator.num_processes))
-    if eval_examples:
-        attach_reference(policy, config, eval_examples, pad_id, cache.with_name(cache.stem + ".eval.pt"))
+    with disk_full_reported(output):
+        attach_reference(policy, config, examples, pad_id, cache, items_trained_on(config, stream, accelerator.num_processes))
+        if eval_examples:
+            attach_reference(policy, config, eval_examples, pad_id, held_out_cache(cache))
 
     extra: dict = {"train_examples": len(examples), "desirable": desirable, "truncation": cut.summary(), **describe(policy)}
     if eval_examples and not (output / "summary.json").exists():

@@ -38,6 +38,7 @@ from alignkit.engine import Shuffled, train
 from alignkit.errors import AlignkitError
 from alignkit.evaluation.tracking import held_out_tracker
 from alignkit.generation import SamplingParams, TransformersGenerator, rollout_rows
+from alignkit.io import locks_output
 from alignkit.logprobs import TokenLogprobModel, base_model, batch_logprobs
 from alignkit.losses.policy import (
     clipped_surrogate,
@@ -311,6 +312,7 @@ class PPOLoss:
         return loss, metrics
 
 
+@locks_output
 def run_ppo(config: PPOConfig) -> dict:
     run = start_online_run(config)
     policy, tokenizer, log = run.policy, run.tokenizer, run.log

@@ -46,6 +46,7 @@ from alignkit.data.records import PreferencePair, Prompt, Ranking
 from alignkit.data.tokenize import TruncationReport
 from alignkit.engine import EngineConfig, Shuffled, make_accelerator, train
 from alignkit.errors import AlignkitError, DataError
+from alignkit.io import locks_output
 from alignkit.losses.preference import bradley_terry_loss
 from alignkit.models import describe
 from alignkit.options import DataOptions, ModelOptions
@@ -257,6 +258,7 @@ def encode_for(
     return comparisons, report
 
 
+@locks_output
 def run_train(config: RMConfig) -> dict[str, Any]:
     accelerator = make_accelerator(config)
     log = accelerator.print

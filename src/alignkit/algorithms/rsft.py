@@ -15,7 +15,7 @@ from alignkit.algorithms.sft import SFTConfig, run_sft
 from alignkit.config import above, at_least
 from alignkit.errors import AlignkitError
 from alignkit.generation import sample_best_of
-from alignkit.io import write_jsonl
+from alignkit.io import locks_output, write_jsonl
 from alignkit.options import ScorerOptions
 
 
@@ -43,6 +43,7 @@ class RSFTConfig(SFTConfig, ScorerOptions):
             raise AlignkitError("rsft needs --prompts, --scorer and --output")
 
 
+@locks_output
 def run_rsft(config: RSFTConfig) -> dict:
     output = Path(config.output)
     best_file = output / "best_of_n.jsonl"

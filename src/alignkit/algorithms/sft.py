@@ -20,6 +20,7 @@ from alignkit.data.records import Conversation, PlainText
 from alignkit.data.tokenize import IGNORE, Batch, Example, collate, collate_packed, encode_conversation, encode_text, pack, truncate
 from alignkit.engine import EngineConfig, PhaseMix, Shuffled, make_accelerator, total_steps, train
 from alignkit.errors import AlignkitError, DataError
+from alignkit.io import locks_output
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.models import describe, load_tokenizer, save_model
 from alignkit.config import within
@@ -106,6 +107,7 @@ def mean_nll(model: TokenLogprobModel, examples: list[Example], pad_id: int, bat
     return total / max(count, 1)
 
 
+@locks_output
 def run_sft(config: SFTConfig) -> dict:
     accelerator = make_accelerator(config)
     log = accelerator.print

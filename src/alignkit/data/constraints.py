@@ -26,7 +26,6 @@ Departures from the reference generator (google-research `instruction_following_
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data.decontaminate import words
+from alignkit.data.loading import strict_rows
 from alignkit.errors import AlignkitError, DataError
 
 RELATIONS = ("at least", "less than")
@@ -724,10 +724,7 @@ def read_bases(paths: Sequence[Path]) -> list[Base]:
     each once (by lower-cased words) and in file order."""
     bases, seen = [], set()
     for path in paths:
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
+        for number, row in strict_rows(str(path)):
             if isinstance(row.get("instruction"), str):
                 text = row["instruction"].strip() + (f"\n\n{row['input'].strip()}" if row.get("input") else "")
             elif isinstance(row.get("prompt"), str):

@@ -11,13 +11,14 @@ text as one contiguous run; a shorter one ("Hi", "Tell me a joke") only when the
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from alignkit.data.loading import strict_rows
 
 N = 8
 THRESHOLD = 0.5
@@ -75,7 +76,7 @@ class EvalIndex:
 
 
 def read_prompts(path: Path) -> list[str]:
-    return [row_text(json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row_text(row) for _, row in strict_rows(str(path))]
 
 
 # Near duplicates of evaluation prompts, for training prompts built from requests (alignkit.data.constraints).

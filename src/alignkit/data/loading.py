@@ -17,7 +17,6 @@ and counted instead (the count is reported, never silent).
 
 from __future__ import annotations
 
-import codecs
 import json
 import re
 from collections import Counter
@@ -40,6 +39,7 @@ from alignkit.data.records import (
     user_prompt,
 )
 from alignkit.errors import AlignkitError, DataError
+from alignkit.io import not_utf8, read_utf8, utf8
 
 Kind = Literal["conversation", "preference", "ranking", "labelled", "prompt_answer", "text", "prompt", "comparison"]
 ROLES = ("system", "user", "assistant")
@@ -104,52 +104,60 @@ def read_rows(source: str) -> Iterator[tuple[int, Any]]:
     raise AlignkitError(f"data file {source} does not exist", fix="check the path (relative paths start from the current directory)")
 
 
+def strict_rows(source: str) -> Iterator[tuple[int, Any]]:
+    """`read_rows` for files that must be whole (the shipped data, a maintainer's inputs): the first row that
+    cannot be read stops it, naming its file and line."""
+    for number, row in read_rows(source):
+        if isinstance(row, InvalidRecord):
+            raise DataError(str(row), path=source, line=number)
+        yield number, row
+
+
 def is_hub_name(source: str) -> bool:
     """Whether a data source that is no local file or directory names a dataset on the hub (`org/name[:split]`)."""
     return "/" in source and not source.startswith((".", "/")) and not Path(source).suffix
 
 
-def _utf8(data: bytes) -> str:
-    """`data` as text; a byte-order mark in front (some Windows editors write one) is not part of the JSON."""
-    return data.removeprefix(codecs.BOM_UTF8).decode("utf-8")
-
-
-def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> tuple[int, str]:
-    """The line (from 1) of the first byte of `data` that is not UTF-8, and what to say about it."""
-    start = exc.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
-    column = start - data.rfind(b"\n", 0, start)
-    return data.count(b"\n", 0, start) + 1, f"not UTF-8 text (byte 0x{data[start]:02x} at byte {column} of the line)"
+def _json(text: str) -> Any:
+    """`json.loads`, with the JSON that is well formed yet cannot be read (nested deeper than the stack, or an integer
+    over 4,300 digits) raised as an InvalidRecord; malformed JSON stays a JSONDecodeError, which says where."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise InvalidRecord("JSON that cannot be read (nested too deeply)") from None
+    except ValueError as exc:
+        raise InvalidRecord(f"JSON that cannot be read ({str(exc).split(';')[0]})") from None
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = _utf8(raw)
+                line = utf8(raw)
             except UnicodeDecodeError as exc:
-                yield number, InvalidRecord(_not_utf8(raw, exc)[1])
+                yield number, InvalidRecord(not_utf8(raw, exc)[1])
                 continue
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                row = _json(line)
             except json.JSONDecodeError as exc:
-                yield number, InvalidRecord(f"malformed JSON ({exc.msg} at column {exc.colno})")
-            except (RecursionError, ValueError) as exc:  # nesting deeper than the stack, or an integer over 4,300 digits
-                yield number, InvalidRecord(f"JSON that cannot be read ({'nested too deeply' if isinstance(exc, RecursionError) else exc})")
+                row = InvalidRecord(f"malformed JSON ({exc.msg} at column {exc.colno})")
+            except InvalidRecord as exc:
+                row = exc
+            yield number, row
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
-    data = path.read_bytes()
     try:
-        text = _utf8(data)
-    except UnicodeDecodeError as exc:
-        line, what = _not_utf8(data, exc)
-        raise DataError(what, path=str(path), line=line, fix="save the file as UTF-8") from None
-    try:
-        loaded = json.loads(text)
+        loaded = _json(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"malformed JSON ({exc.msg})", path=str(path), line=exc.lineno) from None
+    except InvalidRecord as exc:
+        # json.loads says neither where nor which record; as JSON Lines, the record's line would be named.
+        raise DataError(str(exc), path=str(path), fix="fix the file, or save it as JSON Lines (.jsonl), where --skip-invalid can skip such a record") from None
     if isinstance(loaded, dict) and len(loaded) == 1 and isinstance(next(iter(loaded.values())), list):
         loaded = next(iter(loaded.values()))
     if not isinstance(loaded, list):

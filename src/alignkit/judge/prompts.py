@@ -17,6 +17,7 @@ from pathlib import Path
 
 from alignkit.data.records import Prompt
 from alignkit.errors import AlignkitError
+from alignkit.io import read_utf8
 
 RUBRICS_DIR = Path(__file__).parent / "rubrics"
 RUBRICS = ("helpfulness", "harmlessness", "honesty", "principle")
@@ -66,7 +67,7 @@ def load_template(spec: str, *, needs_principle: bool = False) -> Template:
                 f"no template '{spec}': not a built-in rubric and not a file",
                 fix=f"use one of {', '.join(RUBRICS)} or the path of a text file with {{prompt}}, {{answer_a}} and {{answer_b}}",
             )
-    template = Template(path.read_text(encoding="utf-8"), name)
+    template = Template(read_utf8(path), name)
     check_template(template, needs_principle=needs_principle)
     return template
 
