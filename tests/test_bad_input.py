@@ -16,7 +16,8 @@ from alignkit.data.loading import load_records
 from alignkit.errors import AlignkitError, DataError
 from alignkit.judge.prompts import load_template
 from alignkit.models import TINY_LLAMA
-from alignkit.rewards.verifiers import PythonFunction, build_scorer, check_references
+from alignkit.rewards.scorer import check_references
+from alignkit.rewards.verifiers import PythonFunction, build_scorer
 from conftest import SFT_DATA, write_jsonl
 
 GSM8K = "builtin:gsm8k-train"

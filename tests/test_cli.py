@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alignkit.cli import COMMANDS
+from alignkit.commands import COMMANDS
 from alignkit.models import TINY_LLAMA
 from conftest import SFT_DATA, run_cli, write_jsonl
 

@@ -25,7 +25,7 @@ from alignkit.algorithms import sft
 from alignkit.algorithms.dpo import run_dpo
 from alignkit.algorithms.kto import run_kto
 from alignkit.algorithms.sft import run_sft
-from alignkit.cli import COMMANDS, load_target
+from alignkit.commands import COMMANDS, load_target
 from alignkit.data.builtin import BUILTIN
 from alignkit.engine import DATA_OPTIONS, EngineConfig, RunResult, Shuffled, input_digests, train
 from alignkit.errors import AlignkitError

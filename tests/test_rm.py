@@ -434,7 +434,7 @@ def test_combo_yaml_example_parses_and_bad_specs_are_clear(tmp_path):
 
 
 def test_the_reward_model_and_combinations_share_the_scorer_interface(tiny_tokenizer):
-    from alignkit.rewards.verifiers import Scorer, guard
+    from alignkit.rewards.scorer import Scorer, guard
 
     rm = build_reward_model(TINY_LLAMA)
     assert isinstance(rm, Scorer) and isinstance(CombinedReward({"h": HELPFUL}), Scorer)

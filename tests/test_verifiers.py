@@ -12,18 +12,16 @@ import torch
 
 from alignkit.data.records import user_prompt
 from alignkit.errors import AlignkitError
+from alignkit.rewards.scorer import CheckedScorer, Scorer, guard
 from alignkit.rewards.verifiers import (
     R1_FORMAT,
-    CheckedScorer,
     ExactMatch,
     Gsm8kVerifier,
     PythonFunction,
     RegexFormat,
-    Scorer,
     WeightedSum,
     build_scorer,
     extract_final_number,
-    guard,
     normalize_number,
 )
 from conftest import builtin_rows

@@ -3,85 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import shlex
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import get_origin, get_type_hints
 
 from alignkit import __version__
+from alignkit.commands import COMMANDS, load_target
 from alignkit.config import add_config_arguments, config_from_args, to_dict
 from alignkit.errors import AlignkitError
 from alignkit.pipeline.registry import recorded
-
-
-@dataclass(frozen=True)
-class Command:
-    help: str
-    target: str
-    """"module:ConfigClass:run_function"""
-    actions: tuple[str, ...] = ()
-    """sub-actions named by the word after the command (`alignkit label import ...`); it fills the config's `action`"""
-    positional: str = ""
-    """the config field that takes the words after the command: a list takes them all (`alignkit label import
-    a.jsonl b.jsonl`), a string one (`alignkit run pipeline.yaml`)"""
-    recorded: bool = True
-    """each run is recorded in the run registry (`alignkit runs`); a pipeline records itself and its stages"""
-
-
-COMMANDS: dict[str, Command] = {
-    "sft": Command("supervised fine-tuning on instruction or chat data", "alignkit.algorithms.sft:SFTConfig:run_sft"),
-    "rm": Command(
-        "train, evaluate or apply (score) a reward model", "alignkit.algorithms.rm:RMConfig:run_rm", actions=("train", "eval", "score")
-    ),
-    "dpo": Command(
-        "offline preference optimisation (DPO, cDPO, robust, IPO, hinge, SimPO, ORPO)", "alignkit.algorithms.dpo:DPOConfig:run_dpo"
-    ),
-    "kto": Command("KTO on unpaired desirable/undesirable completions", "alignkit.algorithms.kto:KTOConfig:run_kto"),
-    "ppo": Command("PPO against a reward model with a KL penalty", "alignkit.algorithms.ppo:PPOConfig:run_ppo"),
-    "grpo": Command("GRPO / RLOO with verifiable or model rewards", "alignkit.algorithms.grpo:GRPOConfig:run_grpo"),
-    "generate": Command("sample K completions per prompt (or the best of N by a scorer)", "alignkit.generation:GenerateConfig:run_generate"),
-    "rsft": Command("rejection-sampling fine-tuning: sample N, keep the best by a scorer, SFT on it", "alignkit.algorithms.rsft:RSFTConfig:run_rsft"),
-    "judge": Command(
-        "AI feedback: an LLM judge compares or ranks answers, measures agreement, or applies a constitution",
-        "alignkit.judge.command:JudgeConfig:run_judge",
-    ),
-    "label": Command(
-        "human feedback: the labelling web app and its database",
-        "alignkit.label:LabelConfig:run_label",
-        actions=("import", "serve", "add-annotator", "remove-annotator", "export", "stats"),
-        positional="inputs",
-    ),
-    "eval": Command(
-        "a model against a baseline: win rate (CI, length-controlled), KL, diversity, refusals, alignment tax",
-        "alignkit.evaluation.evaluate:EvalConfig:run_eval",
-    ),
-    "report": Command(
-        "a self-contained HTML report of a run directory", "alignkit.report:ReportConfig:run_report", positional="runs"
-    ),
-    "run": Command(
-        "run a YAML pipeline of stages: done stages are skipped, a cut one resumes",
-        "alignkit.pipeline.runner:RunConfig:run_pipeline", positional="pipeline", recorded=False,
-    ),
-    "data": Command(
-        "the built-in datasets (builtin:NAME), shipped with alignkit", "alignkit.data.builtin:DataConfig:run_data",
-        actions=("list",), recorded=False,
-    ),
-    "runs": Command(
-        "list the recorded runs (commands, pipelines and their stages)", "alignkit.pipeline.registry:RunsConfig:list_runs",
-        recorded=False,
-    ),
-}
-
-
-def load_target(target: str) -> tuple[type, Callable]:
-    module_name, config_name, run_name = target.split(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, config_name), getattr(module, run_name)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -29,7 +29,8 @@ from alignkit.errors import AlignkitError
 from alignkit.io import write_jsonl
 from alignkit.models import load_model, load_tokenizer, with_cache
 from alignkit.options import ScorerOptions, require_sampling
-from alignkit.rewards.verifiers import REWARD_TIMEOUT, build_scorer, check_references
+from alignkit.rewards.scorer import check_references
+from alignkit.rewards.verifiers import REWARD_TIMEOUT, build_scorer
 
 
 @dataclass(frozen=True)

@@ -210,3 +210,18 @@ def batch_logprobs(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask)
     return model(batch.input_ids, batch.labels, batch.position_ids, batch.attention_mask,
                  prefix.input_ids, prefix.position_ids, prefix.attention_mask)  # fmt: skip
+
+
+@torch.no_grad()
+def mean_nll(model: TokenLogprobModel, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
+    """Average negative log-likelihood per response token over `examples`."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate([[e] for e in examples[start : start + batch_size]], pad_id).to(device)
+        total -= batch_logprobs(model, batch).sum().item()
+        count += batch.n_targets
+    model.train(was_training)
+    return total / max(count, 1)

@@ -37,7 +37,7 @@ from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses.policy import KLEstimator, clipped_surrogate, group_advantages, kl_penalty, penalise_cut, rloo_advantages
 from alignkit.models import describe, save_model
 from alignkit.reference import policy_reference, reference_logps
-from alignkit.rewards.verifiers import Scorer
+from alignkit.rewards.scorer import Scorer
 
 
 @dataclass

@@ -17,7 +17,8 @@ from alignkit.errors import AlignkitError
 from alignkit.logprobs import TokenLogprobModel
 from alignkit.models import load_tokenizer
 from alignkit.options import ModelOptions, RolloutOptions, require_sampling
-from alignkit.rewards.verifiers import Scorer, build_scorer, check_references
+from alignkit.rewards.scorer import Scorer, check_references
+from alignkit.rewards.verifiers import build_scorer
 
 
 @dataclass

@@ -30,10 +30,9 @@ import torch
 from torch import nn
 
 from alignkit.algorithms.online import OnlineRLConfig, start_online_run
-from alignkit.algorithms.sft import encode_conversations
 from alignkit.config import above, at_least, within
 from alignkit.data.loading import load_records
-from alignkit.data.tokenize import IGNORE, Batch, collate, truncate
+from alignkit.data.tokenize import IGNORE, Batch, collate, encode_conversations, truncate
 from alignkit.engine import Shuffled, train
 from alignkit.errors import AlignkitError
 from alignkit.evaluation.tracking import held_out_tracker
@@ -51,7 +50,8 @@ from alignkit.losses.policy import (
 )
 from alignkit.models import describe, save_model
 from alignkit.reference import policy_reference, reference_logps
-from alignkit.rewards.verifiers import Scorer
+from alignkit.rewards.reward_model import load_reward_model
+from alignkit.rewards.scorer import Scorer
 
 
 @dataclass
@@ -160,8 +160,6 @@ def build_value(config: PPOConfig, policy: TokenLogprobModel, tokenizer) -> tupl
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
         return None, head
-    from alignkit.rewards.reward_model import load_reward_model
-
     rm = load_reward_model(source, device="cpu")
     if rm.backbone != "causal" or rm.tokenizer.get_vocab() != tokenizer.get_vocab():
         raise AlignkitError(

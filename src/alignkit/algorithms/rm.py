@@ -51,7 +51,7 @@ from alignkit.losses.preference import bradley_terry_loss
 from alignkit.models import describe
 from alignkit.options import DataOptions, ModelOptions
 from alignkit.rewards.reward_model import CombinedReward, Normalisation, RewardModel, build_reward_model, load_scorer
-from alignkit.rewards.verifiers import Scorer
+from alignkit.rewards.scorer import Scorer
 
 
 @dataclass

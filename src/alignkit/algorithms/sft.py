@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from alignkit.data.loading import load_records
-from alignkit.data.records import Conversation, PlainText
-from alignkit.data.tokenize import IGNORE, Batch, Example, collate, collate_packed, encode_conversation, encode_text, pack, truncate
+from alignkit.data.records import PlainText
+from alignkit.data.tokenize import IGNORE, Batch, Example, collate, collate_packed, encode_conversations, encode_text, pack, truncate
 from alignkit.engine import EngineConfig, PhaseMix, Shuffled, make_accelerator, total_steps, train
-from alignkit.errors import AlignkitError, DataError
+from alignkit.errors import AlignkitError
 from alignkit.io import locks_output
-from alignkit.logprobs import TokenLogprobModel, batch_logprobs
+from alignkit.logprobs import TokenLogprobModel, batch_logprobs, mean_nll
 from alignkit.models import describe, load_tokenizer, save_model
 from alignkit.config import within
 from alignkit.options import DataOptions, ModelOptions
@@ -67,17 +67,6 @@ class SFTLoss:
         return -logps.sum(), {}
 
 
-def encode_conversations(tokenizer, records: list[Conversation], *, last_only: bool) -> list[Example]:
-    examples = []
-    for record in records:
-        try:
-            examples.append(encode_conversation(tokenizer, record.messages, last_only=last_only, origin=record.origin))
-        except ValueError as exc:  # e.g. a template that rejects this role order
-            path, _, line = record.origin.rpartition(":")
-            raise DataError(f"cannot apply the chat template: {exc}", path=path, line=int(line)) from None
-    return examples
-
-
 def text_windows(tokenizer, records: list[PlainText], max_length: int) -> list[Example]:
     """Pre-training text is split into windows of `max_length` tokens rather than cut: no text is lost."""
     windows = []
@@ -90,21 +79,6 @@ def text_windows(tokenizer, records: list[PlainText], max_length: int) -> list[E
             if any(label != IGNORE for label in labels):
                 windows.append(Example(ids, labels, record.origin))
     return windows
-
-
-@torch.no_grad()
-def mean_nll(model: TokenLogprobModel, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
-    """Average negative log-likelihood per response token over `examples`."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate([[e] for e in examples[start : start + batch_size]], pad_id).to(device)
-        total -= batch_logprobs(model, batch).sum().item()
-        count += batch.n_targets
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 @locks_output

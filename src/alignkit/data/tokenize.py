@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from alignkit.data.records import Message, Prompt
+from alignkit.data.records import Conversation, Message, Prompt
+from alignkit.errors import DataError
 
 IGNORE = -100
 
@@ -90,6 +91,18 @@ def encode_conversation(
             labels[position] = token
     # Position i predicts token i + 1: shift once here so losses can compare logits[i] with labels[i].
     return Example(encoded["input_ids"], labels[1:] + [IGNORE], origin)
+
+
+def encode_conversations(tokenizer: PreTrainedTokenizerBase, records: list[Conversation], *, last_only: bool) -> list[Example]:
+    """`encode_conversation` of each record; a chat template that refuses one names its file and line."""
+    examples = []
+    for record in records:
+        try:
+            examples.append(encode_conversation(tokenizer, record.messages, last_only=last_only, origin=record.origin))
+        except ValueError as exc:  # e.g. a template that rejects this role order
+            path, _, line = record.origin.rpartition(":")
+            raise DataError(f"cannot apply the chat template: {exc}", path=path, line=int(line)) from None
+    return examples
 
 
 def encode_prompt_completion(

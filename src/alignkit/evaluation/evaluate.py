@@ -42,21 +42,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignkit.algorithms.sft import encode_conversations, mean_nll
 from alignkit.config import SEEDS, at_least, within
 from alignkit.data.loading import load_records
 from alignkit.data.records import PromptWithAnswer
-from alignkit.data.tokenize import IGNORE, collate, truncate
+from alignkit.data.tokenize import IGNORE, collate, encode_conversations, truncate
 from alignkit.errors import AlignkitError
 from alignkit.evaluation import ifeval, metrics
 from alignkit.evaluation.diagnostics import length_reward_correlation
 from alignkit.evaluation.tracking import evaluate_rewards
 from alignkit.generation import SamplingParams, Sample, TransformersGenerator, rollout_rows
 from alignkit.io import write_jsonl
-from alignkit.logprobs import TokenLogprobModel, batch_logprobs
+from alignkit.logprobs import TokenLogprobModel, batch_logprobs, mean_nll
 from alignkit.models import load_model, load_tokenizer
 from alignkit.options import ScorerOptions
-from alignkit.rewards.verifiers import build_scorer, check_references
+from alignkit.rewards.scorer import check_references
+from alignkit.rewards.verifiers import build_scorer
 
 
 BENCHMARKS = ("ifeval",)

@@ -43,7 +43,8 @@ from alignkit.io import write_jsonl
 from alignkit.logprobs import TokenLogprobModel
 from alignkit.options import RolloutOptions
 from alignkit.reference import as_reference, sequence_logprobs
-from alignkit.rewards.verifiers import Scorer, build_scorer, check_references
+from alignkit.rewards.scorer import Scorer, check_references
+from alignkit.rewards.verifiers import build_scorer
 
 
 def greedy_answers(generator: TransformersGenerator, records: list[PromptWithAnswer], max_new_tokens: int) -> list[Sample]:

@@ -83,7 +83,7 @@ class TransformersJudge:
 
     @classmethod
     def load(cls, name: str, *, batch_size: int = 8, trust_remote_code: bool = False) -> "TransformersJudge":
-        from alignkit.models import load_model, load_tokenizer
+        from alignkit.models import load_model, load_tokenizer  # transformers' model classes: an API judge never needs them
 
         tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
         model = load_model(name, trust_remote_code=trust_remote_code)

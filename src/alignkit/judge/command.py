@@ -34,11 +34,13 @@ from alignkit.config import SEEDS, above, at_least, within
 from alignkit.data.loading import InvalidRecord, load_records, parse_prompt, read_rows
 from alignkit.data.records import PreferencePair, Prompt, PromptWithAnswer, Ranking, distinct_answers
 from alignkit.errors import AlignkitError, DataError
+from alignkit.generation import SamplingParams, TransformersGenerator
 from alignkit.judge.backends import Judge, build_judge, judge_name
 from alignkit.judge.compare import PairRequest, judge_pairs
 from alignkit.judge.constitution import Constitution, critique_revise, load_constitution
 from alignkit.judge.prompts import Template, load_template, prompt_text
 from alignkit.judge.verdicts import Agreement, PairVerdict, agreement, all_pairs, probability_agreement, rank_by_wins
+from alignkit.models import load_model, load_tokenizer
 
 Mode = Literal["auto", "compare", "agreement", "critique-revise", "preferences"]
 
@@ -470,9 +472,6 @@ def run_agreement(config: JudgeConfig, judge: Judge | None = None) -> dict[str, 
 
 def run_critique_revise(config: JudgeConfig) -> dict[str, Any]:
     """Constitutional AI's supervised stage: answer, critique by a drawn principle, revise; write SFT rows."""
-    from alignkit.generation import SamplingParams, TransformersGenerator
-    from alignkit.models import load_model, load_tokenizer
-
     constitution = load_constitution(config.constitution)
     records, report = load_records(config.prompts, "prompt", skip_invalid=config.skip_invalid, limit=config.limit or None)
     print(report.summary(), file=sys.stderr)

@@ -15,7 +15,7 @@ from alignkit.errors import AlignkitError
 from alignkit.judge.backends import Judge
 from alignkit.judge.prompts import Template, prompt_text, shorten
 from alignkit.judge.verdicts import Disagreement, PairVerdict, check_probabilities, combine_orders
-from alignkit.rewards.verifiers import CheckedScorer
+from alignkit.rewards.scorer import CheckedScorer
 
 
 @dataclass(frozen=True)

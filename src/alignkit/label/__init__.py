@@ -19,8 +19,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from alignkit.data.loading import load_records
+from alignkit.data.records import PreferencePair, Ranking
 from alignkit.errors import AlignkitError
 from alignkit.io import write_jsonl
+
+# The database (sqlalchemy) and the web server (starlette, uvicorn) are imported by the actions that use them:
+# every submodule, the pure `agreement` included, loads this package first.
 
 ACTIONS = ("import", "serve", "add-annotator", "remove-annotator", "export", "stats")
 
@@ -169,9 +174,6 @@ def stats(store: Any, config: LabelConfig) -> dict[str, Any]:
 
 
 def _preference_triples(path: str) -> list[tuple[list[dict[str, str]], str, str]]:
-    from alignkit.data.loading import load_records
-    from alignkit.data.records import PreferencePair, Ranking
-
     records, _ = load_records(path, "comparison", skip_invalid=True)
     pairs: list[PreferencePair] = []
     for record in records:

@@ -62,6 +62,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from alignkit.errors import AlignkitError
 from alignkit.label.analysis import agreement_summary, annotator_agreement, export_rows, json_safe, position_summary
 from alignkit.label.store import Annotator, Answer, LabelStore, Refused
 
@@ -631,8 +632,6 @@ def serve(store: LabelStore, host: str, port: int, *, lease_seconds: float, log:
     try:
         server = LabelServer(store, host, port, lease_seconds=lease_seconds, log=log, https_proxy=https_proxy)
     except OSError as exc:
-        from alignkit.errors import AlignkitError
-
         raise AlignkitError(f"cannot listen on {host}:{port} ({exc.strerror})", fix="choose another --port, or stop what holds it") from None
     overview = store.tasks_overview()
     print(

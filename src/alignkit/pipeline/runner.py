@@ -303,7 +303,7 @@ def stage_report(directory: Path) -> None:
     if not any((directory / name).is_file() for name in ("run.json", "summary.json", "eval.json")):
         return
     try:
-        from alignkit.report import ReportConfig, run_report
+        from alignkit.report import ReportConfig, run_report  # matplotlib: only once a stage is done
 
         run_report(ReportConfig(runs=[str(directory)]))
     except Exception as exc:  # the stage is done; its page is a convenience
@@ -312,7 +312,7 @@ def stage_report(directory: Path) -> None:
 
 def write_pages(pipeline: Pipeline, stages: list[PlannedStage], state: State, only_round: int | None = None) -> None:
     """The pipeline's page, or with `only_round` that round's page."""
-    from alignkit.pipeline.page import pipeline_page
+    from alignkit.pipeline.page import pipeline_page  # it builds on the report's page, which brings in matplotlib
 
     scope = pipeline.output if only_round is None else pipeline.output / f"round-{only_round}"
     target = scope / "report.html"

@@ -27,7 +27,9 @@ from typing import Any
 
 import yaml
 
+from alignkit.commands import COMMANDS, Output, load_target
 from alignkit.config import build_config
+from alignkit.data.loading import is_hub_name
 from alignkit.errors import AlignkitError
 from alignkit.io import read_yaml
 
@@ -40,16 +42,6 @@ shipped inside alignkit."""
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
 
-# What each command writes, as (config field, file name inside the stage directory); a file name of None means
-# the stage directory itself. `${stage}` is that path. Commands left out write nothing a later stage could use.
-OUTPUTS: dict[str, tuple[str, str | None]] = {
-    "sft": ("output", None), "rm train": ("output", None), "rm eval": ("output", None), "dpo": ("output", None),
-    "kto": ("output", None), "ppo": ("output", None), "grpo": ("output", None), "rsft": ("output", None),
-    "eval": ("output", None), "generate": ("output", "samples.jsonl"), "judge": ("output", "judge.jsonl"),
-    "rm score": ("output", "scores.jsonl"), "label export": ("out", "labels.jsonl"),
-}  # fmt: skip
-NOT_IN_PIPELINES = {"run": "a pipeline cannot run another pipeline", "runs": "it only lists runs",
-                    "label serve": "it waits for annotators forever", "label add-annotator": "it prints a secret token"}  # fmt: skip
 INPUTS = ("data", "eval_data", "mix_data", "ptx_data", "prompts", "eval_prompts", "task_prompts", "heldout_data",
           "samples", "agreement_with", "constitution", "responses", "baseline_responses", "inputs")
 """options that name files a stage reads: those given as plain paths must exist before the first stage starts"""
@@ -103,8 +95,9 @@ class StageCommand:
     action: str | None = None
 
     @property
-    def output(self) -> tuple[str, str | None] | None:
-        return OUTPUTS.get(self.text)
+    def output(self) -> Output | None:
+        name, _, action = self.text.partition(" ")
+        return COMMANDS[name].outputs.get(action)
 
     def fields(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.config_class)]
@@ -116,8 +109,6 @@ class StageCommand:
 
 
 def parse_command(text: Any, where: str) -> StageCommand:
-    from alignkit.cli import COMMANDS, load_target
-
     words = str(text).split() if isinstance(text, str) else []
     if not words or len(words) > 2:
         raise AlignkitError(f"'command' must be an alignkit command such as sft or 'rm train', not {text!r}", where=where)
@@ -128,7 +119,7 @@ def parse_command(text: Any, where: str) -> StageCommand:
         raise AlignkitError(f"unknown command '{words[0]}'", where=where,
                             fix=suggest(words[0], [*COMMANDS, REPORT]) or f"one of {', '.join(COMMANDS)}")  # fmt: skip
     if len(words) == 2 and words[1] not in spec.actions:
-        choices = [a for a in spec.actions if f"{words[0]} {a}" not in NOT_IN_PIPELINES]
+        choices = [a for a in spec.actions if a not in spec.not_in_pipelines]
         raise AlignkitError(f"'{words[0]}' has no action '{words[1]}'", where=where,
                             fix=suggest(words[1], choices) or (f"one of {', '.join(choices)}" if choices else f"write just '{words[0]}'"))  # fmt: skip
     if spec.actions and len(words) == 1:
@@ -136,11 +127,12 @@ def parse_command(text: Any, where: str) -> StageCommand:
             raise AlignkitError("'label' needs an action: label import, label export or label stats", where=where)
         words.append(spec.actions[0])
     normal = " ".join(words)
-    why = NOT_IN_PIPELINES.get(normal) or NOT_IN_PIPELINES.get(words[0])
+    action = words[1] if len(words) == 2 else None
+    why = spec.not_in_pipelines.get(action or "") or spec.not_in_pipelines.get("")
     if why:
         raise AlignkitError(f"'{normal}' cannot be a pipeline stage: {why}", where=where)
     config_class, run = load_target(spec.target)
-    return StageCommand(normal, config_class, run, words[1] if len(words) == 2 else None)
+    return StageCommand(normal, config_class, run, action)
 
 
 @dataclass
@@ -358,7 +350,7 @@ def _as_dicts(value: Any) -> Any:
 
 def plan(pipeline: Pipeline) -> list[PlannedStage]:
     """Every stage of every round in run order, with defaults applied and each `${...}` replaced."""
-    from alignkit.models import RESOURCES
+    from alignkit.models import RESOURCES  # models brings in torch and transformers: parsing a pipeline needs neither
 
     planned: list[PlannedStage] = []
     top: dict[str, PlannedStage] = {}
@@ -445,8 +437,6 @@ def plan(pipeline: Pipeline) -> list[PlannedStage]:
 def check_inputs(pipeline: Pipeline, stage: PlannedStage) -> None:
     """The files a stage reads and names by a plain path (not by another stage's output, which appears only when that
     stage runs) exist: a typo in the last stage's data path costs seconds, not the hours of the stages before it."""
-    from alignkit.data.loading import is_hub_name
-
     for key in INPUTS:
         given = stage.stage.settings.get(key, pipeline.defaults.get(key))
         if key not in stage.settings or _names_a_stage(given):

@@ -25,6 +25,62 @@ results on one page, with PATH.json and PATH.md beside it (`bakeoff`).
 
 from __future__ import annotations
 
-from alignkit.report.page import ReportConfig, build_report, run_report
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignkit.config import at_least
+from alignkit.errors import AlignkitError
+from alignkit.report.bakeoff import parse_entries, write_comparison
+from alignkit.report.page import SAMPLES_SHOWN, build_report
 
 __all__ = ["ReportConfig", "build_report", "run_report"]
+
+
+@dataclass
+class ReportConfig:
+    """Options of `alignkit report`."""
+
+    runs: list[str] = field(default_factory=list)
+    """run directories (the --output of a training run or of alignkit eval), one page each"""
+    output: str = ""
+    """where to write the page (default: RUN_DIR/report.html); only with a single run directory; with --compare, PATH.html (PATH.json and PATH.md beside it)"""
+    samples: int = at_least(0, SAMPLES_SHOWN)
+    """how many sample prompts to show side by side"""
+    compare: list[str] = field(default_factory=list)
+    """instead of run directories: IFEval results of several methods on one page, each NAME=EVAL_DIR or NAME=EVAL_DIR@TRAIN_DIR (the training run, or the file `alignkit generate` wrote)"""
+    note: str = ""
+    """with --compare: a header line for the page and PATH.md, e.g. the command, the machine and the wall time"""
+
+    def validate(self) -> None:
+        if self.compare:
+            if self.runs:
+                raise AlignkitError("--compare makes a page of its own: give run directories or --compare, not both")
+            if not self.output.endswith(".html"):
+                raise AlignkitError("--compare writes one page", fix="give --output PATH.html (PATH.json and PATH.md go beside it)")
+            parse_entries(self.compare)
+            return
+        if not self.runs:
+            raise AlignkitError("no run directory given", fix="alignkit report outputs/sft [--output report.html]")
+        if self.output and len(self.runs) > 1:
+            raise AlignkitError("--output names one file but several run directories were given",
+                                fix="leave out --output: each page is written to RUN_DIR/report.html")  # fmt: skip
+        for run in self.runs:
+            if not Path(run).is_dir():
+                raise AlignkitError(f"run directory {run} does not exist", fix="give the --output directory of a run")
+
+
+def run_report(config: ReportConfig) -> list[Path]:
+    if config.compare:
+        return write_comparison(config.compare, Path(config.output), config.note)
+    written = []
+    for run_dir in config.runs:
+        page = build_report(run_dir, config.samples)
+        out = Path(config.output) if config.output else Path(run_dir) / "report.html"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(out)
+        print(f"wrote {out}", file=sys.stderr)
+        written.append(out)
+    return written

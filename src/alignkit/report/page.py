@@ -7,12 +7,10 @@ import html
 import io
 import json
 import math
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import at_least
 from alignkit.errors import AlignkitError
 from alignkit.evaluation.diagnostics import CHECKPOINTS_FILE, Alarm, checkpoint_alarms, length_drift_alarm, mode_collapse_alarm
 from alignkit.evaluation.ifeval import LEVELS, sorted_types
@@ -20,41 +18,6 @@ from alignkit.evaluation.ifeval import LEVELS, sorted_types
 PLOTTED = ("loss", "lr", "reward", "kl", "accuracy", "length", "entropy", "win_rate")
 """A metrics.jsonl key is plotted when one of these words is in it (e.g. eval_loss, reward_std, kl_coef)."""
 SAMPLES_SHOWN = 20
-
-
-@dataclass
-class ReportConfig:
-    """Options of `alignkit report`."""
-
-    runs: list[str] = field(default_factory=list)
-    """run directories (the --output of a training run or of alignkit eval), one page each"""
-    output: str = ""
-    """where to write the page (default: RUN_DIR/report.html); only with a single run directory; with --compare, PATH.html (PATH.json and PATH.md beside it)"""
-    samples: int = at_least(0, SAMPLES_SHOWN)
-    """how many sample prompts to show side by side"""
-    compare: list[str] = field(default_factory=list)
-    """instead of run directories: IFEval results of several methods on one page, each NAME=EVAL_DIR or NAME=EVAL_DIR@TRAIN_DIR (the training run, or the file `alignkit generate` wrote)"""
-    note: str = ""
-    """with --compare: a header line for the page and PATH.md, e.g. the command, the machine and the wall time"""
-
-    def validate(self) -> None:
-        if self.compare:
-            from alignkit.report.bakeoff import parse_entries  # bakeoff builds on this module's helpers
-
-            if self.runs:
-                raise AlignkitError("--compare makes a page of its own: give run directories or --compare, not both")
-            if not self.output.endswith(".html"):
-                raise AlignkitError("--compare writes one page", fix="give --output PATH.html (PATH.json and PATH.md go beside it)")
-            parse_entries(self.compare)
-            return
-        if not self.runs:
-            raise AlignkitError("no run directory given", fix="alignkit report outputs/sft [--output report.html]")
-        if self.output and len(self.runs) > 1:
-            raise AlignkitError("--output names one file but several run directories were given",
-                                fix="leave out --output: each page is written to RUN_DIR/report.html")  # fmt: skip
-        for run in self.runs:
-            if not Path(run).is_dir():
-                raise AlignkitError(f"run directory {run} does not exist", fix="give the --output directory of a run")
 
 
 # --- reading a run directory ---------------------------------------------------------------------------
@@ -567,21 +530,3 @@ def build_report(run_dir: str | Path, samples_shown: int = SAMPLES_SHOWN) -> str
         + "\n".join(part for part in body if part)
         + "\n</body></html>\n"
     )
-
-
-def run_report(config: ReportConfig) -> list[Path]:
-    if config.compare:
-        from alignkit.report.bakeoff import write_comparison  # bakeoff builds on this module's helpers
-
-        return write_comparison(config.compare, Path(config.output), config.note)
-    written = []
-    for run_dir in config.runs:
-        page = build_report(run_dir, config.samples)
-        out = Path(config.output) if config.output else Path(run_dir) / "report.html"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(out)
-        print(f"wrote {out}", file=sys.stderr)
-        written.append(out)
-    return written

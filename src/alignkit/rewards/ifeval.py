@@ -64,7 +64,7 @@ from langdetect.detector_factory import PROFILES_DIRECTORY, DetectorFactory
 from langdetect.lang_detect_exception import LangDetectException
 
 from alignkit.errors import AlignkitError
-from alignkit.rewards.verifiers import CheckedScorer
+from alignkit.rewards.scorer import CheckedScorer
 
 __all__ = [
     "INSTRUCTION_TYPES",

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from alignkit.config import read_yaml_config
 from alignkit.data.records import Prompt
 from alignkit.data.tokenize import IGNORE, Example, collate, collate_packed, encode_prompt_completion
 from alignkit.errors import AlignkitError
@@ -43,7 +44,7 @@ from alignkit.fused import lean_activations
 from alignkit.io import write_json
 from alignkit.logprobs import attention_input, keeps_packed_sequences_apart
 from alignkit.models import LoraSettings, apply_lora, enable_activation_checkpointing, load_model, load_tokenizer, resolve, save_model
-from alignkit.rewards.verifiers import Scorer  # the one scorer interface: score(prompts, completions[, references]) -> [N]
+from alignkit.rewards.scorer import Scorer  # the one scorer interface: score(prompts, completions[, references]) -> [N]
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_model.json"
@@ -528,8 +529,6 @@ class CombinedReward:
 
     @classmethod
     def from_yaml(cls, path: str | Path, *, load: Callable[[str], Scorer] | None = None) -> "CombinedReward":
-        from alignkit.config import read_yaml_config
-
         return cls.from_config(read_yaml_config(path), source=str(path), load=load)
 
 
