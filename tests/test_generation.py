@@ -142,6 +142,19 @@ def test_best_of_n_keeps_the_highest_scoring_completion(tmp_path):
         assert row["best"] in row["completions"]
 
 
+def test_best_of_n_with_a_cut_penalty_picks_a_finished_answer_over_a_cut_one():
+    from alignkit.generation import Completion, Sample, best_of_n
+
+    answers = [Completion("loops to the cap", [1] * 8, finished=False), Completion("ends", [2], finished=True)]
+    samples = [Sample(user_prompt("q"), [0], answers), Sample(user_prompt("r"), [0], answers[:1] * 2)]
+    scores = torch.tensor([1.0, 0.6, 1.0, 0.5])
+    plain, penalised = best_of_n(samples, scores), best_of_n(samples, scores, cut_penalty=1.0)
+    assert plain[0]["best"] == "loops to the cap" and plain[0]["best_score"] == 1.0
+    assert penalised[0]["best"] == "ends" and penalised[0]["scores"] == pytest.approx([0.0, 0.6])
+    # With every answer cut, the best cut one is still picked, at its lowered score.
+    assert penalised[1]["best_score"] == pytest.approx(0.0) and penalised[1]["scores"] == pytest.approx([0.0, -0.5])
+
+
 def test_rejection_sampling_fine_tunes_on_the_kept_answers(tmp_path):
     from alignkit.algorithms.rsft import RSFTConfig, run_rsft
 

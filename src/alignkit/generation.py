@@ -27,6 +27,7 @@ from alignkit.data.records import Prompt, PromptWithAnswer
 from alignkit.data.tokenize import IGNORE, Example, prompt_ids
 from alignkit.errors import AlignkitError
 from alignkit.io import write_jsonl
+from alignkit.losses.policy import penalise_cut
 from alignkit.models import load_model, load_tokenizer, with_cache
 from alignkit.options import ScorerOptions, require_sampling
 from alignkit.rewards.scorer import check_references
@@ -401,6 +402,9 @@ class GenerateConfig(ScorerOptions):
     """best-of-N: sample N completions, score them with --scorer, and keep the best one per prompt"""
     scorer: str = ""
     """scorer for --best-of: gsm8k, exact, format, python:module:function, rm:PATH, or a weighted sum"""
+    cut_penalty: float = at_least(0, 0.0)
+    """best-of-N: subtracted from the score of an answer cut at --max-new-tokens before the best is picked (GRPO's
+    --cut-penalty); e.g. 1 for a 0-1 scorer: an unfinished answer is picked only when every answer is unfinished"""
     seed: int = within(SEEDS, 0)
     """sampling seed"""
     trust_remote_code: bool = False
@@ -427,9 +431,14 @@ def sample_to_json(sample: Sample) -> dict:
     }
 
 
-def best_of_n(samples: list[Sample], scores: torch.Tensor) -> list[dict]:
-    """Rows of best-of-N: the highest-scoring completion of each prompt, with every score kept."""
+def best_of_n(samples: list[Sample], scores: torch.Tensor, cut_penalty: float = 0.0) -> list[dict]:
+    """Rows of best-of-N: the highest-scoring completion of each prompt, with every score kept; a completion cut
+    at the length cap has `cut_penalty` taken off first (a verifier scores a cut answer as it stands, so an
+    answer that loops to the cap after meeting its constraints would otherwise be picked, imitated by RSFT and
+    preferred by on-policy DPO)."""
     n = len(samples[0].completions)
+    finished = torch.tensor([c.finished for s in samples for c in s.completions])
+    scores = penalise_cut(torch.as_tensor(scores, dtype=torch.float32), finished, cut_penalty)
     by_prompt = scores.view(len(samples), n)
     rows = []
     for sample, row_scores in zip(samples, by_prompt):
@@ -460,17 +469,18 @@ def sample_prompts(config: GenerateConfig, prompts: list[PromptWithAnswer], mode
     flat_prompts = [r.prompt for r in prompts for _ in range(n)]
     completions = [c.text for s in samples for c in s.completions]
     references = [r.answer for r in prompts for _ in range(n)]
-    return best_of_n(samples, scorer.score(flat_prompts, completions, references))
+    return best_of_n(samples, scorer.score(flat_prompts, completions, references), config.cut_penalty)
 
 
 def sample_best_of(model: str, prompts: str, *, n: int, scorer: str, temperature: float, max_new_tokens: int,
-                   seed: int, limit: int = 0, trust_remote_code: bool = False, reward_timeout: float = REWARD_TIMEOUT) -> list[dict]:  # fmt: skip
+                   seed: int, limit: int = 0, trust_remote_code: bool = False, reward_timeout: float = REWARD_TIMEOUT,
+                   cut_penalty: float = 0.0) -> list[dict]:  # fmt: skip
     """Best-of-`n` rows, every completion and score kept, of `model` on the first `limit` prompts of `prompts`
     (all with 0): the sampling stage of rejection-sampling fine-tuning and of on-policy DPO."""
     records, _ = load_records(prompts, "prompt", limit=limit or None)
     sampling = GenerateConfig(model=model, prompts=prompts, best_of=n, scorer=scorer, temperature=temperature,
                               max_new_tokens=max_new_tokens, seed=seed, trust_remote_code=trust_remote_code,
-                              reward_timeout=reward_timeout)  # fmt: skip
+                              reward_timeout=reward_timeout, cut_penalty=cut_penalty)  # fmt: skip
     return sample_prompts(sampling, records)  # type: ignore[arg-type]
 
 

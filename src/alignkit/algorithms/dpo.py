@@ -84,6 +84,9 @@ class DPOConfig(EngineConfig, DataOptions, ModelOptions, ScorerOptions):
     """with --prompts: sampling temperature of the K completions"""
     sample_max_new_tokens: int = at_least(1, 256)
     """with --prompts: longest sampled completion in tokens"""
+    cut_penalty: float = at_least(0, 0.0)
+    """with --prompts: subtracted from the score of a sample cut at --sample-max-new-tokens before the best and the
+    worst are picked; e.g. 1 for a 0-1 scorer: a finished answer is preferred to one that loops to the cap"""
 
     @property
     def kind(self) -> PreferenceLoss:
@@ -98,8 +101,9 @@ class DPOConfig(EngineConfig, DataOptions, ModelOptions, ScorerOptions):
             self._validate_onpolicy()
         else:
             self.require_data()
-            if self.scorer:
-                raise AlignkitError("--scorer ranks samples of --prompts", fix="add --prompts FILE, or leave --scorer out to train on --data")
+            if self.scorer or self.cut_penalty:
+                raise AlignkitError("--scorer and --cut-penalty rank samples of --prompts",
+                                    fix="add --prompts FILE, or leave them out to train on --data")
         if not self.output:
             raise AlignkitError("no output directory given", fix="pass --output DIR")
         if self.reference == "lora-base" and self.lora_r <= 0:
@@ -268,7 +272,7 @@ def sample_onpolicy_pairs(config: DPOConfig, pairs_file: Path) -> None:
     rows = sample_best_of(
         config.model, config.prompts, n=config.num_samples, scorer=config.scorer, temperature=config.sample_temperature,
         max_new_tokens=config.sample_max_new_tokens, seed=config.seed, limit=config.prompt_limit,
-        trust_remote_code=config.trust_remote_code, reward_timeout=config.reward_timeout,
+        trust_remote_code=config.trust_remote_code, reward_timeout=config.reward_timeout, cut_penalty=config.cut_penalty,
     )  # fmt: skip
     pairs = onpolicy_pairs(rows)
     if not pairs:

@@ -37,6 +37,9 @@ class RSFTConfig(SFTConfig, ScorerOptions):
     """sampling temperature"""
     max_new_tokens: int = at_least(1, 256)
     """longest sampled completion"""
+    cut_penalty: float = at_least(0, 0.0)
+    """subtracted from the score of a sample cut at --max-new-tokens before the best is picked and --min-score is
+    applied; e.g. 1 for a 0-1 scorer: an answer that loops to the cap is never imitated"""
 
     def validate(self) -> None:
         if not self.prompts or not self.scorer or not self.output:
@@ -51,7 +54,7 @@ def run_rsft(config: RSFTConfig) -> dict:
         rows = sample_best_of(
             config.model, config.prompts, n=config.num_samples, scorer=config.scorer, temperature=config.temperature,
             max_new_tokens=config.max_new_tokens, seed=config.seed, limit=config.prompt_limit,
-            trust_remote_code=config.trust_remote_code, reward_timeout=config.reward_timeout,
+            trust_remote_code=config.trust_remote_code, reward_timeout=config.reward_timeout, cut_penalty=config.cut_penalty,
         )  # fmt: skip
         kept = [r for r in rows if config.min_score is None or r["best_score"] >= config.min_score]
         if not kept:

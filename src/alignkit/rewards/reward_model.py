@@ -2,7 +2,7 @@
 
 A reward model answers "how good is this completion for this prompt" with one number, through the same
 `score(prompts, completions, references=None) -> [N]` method as the rule-based verifiers (`Scorer` in
-`rewards/verifiers.py`; a reward model ignores references), so PPO, GRPO, best-of-N and evaluation take
+`rewards/scorer.py`; a reward model ignores references), so PPO, GRPO, best-of-N and evaluation take
 either.
 
 - `RewardModel`: a linear head `r = w·h + b` on one hidden state of a backbone. For a causal LM (the
