@@ -16,7 +16,6 @@ from alignkit.algorithms.rm import (
     RMLoss,
     collate_for_rm,
     evaluate_records,
-    expected_calibration_error,
     preference_metrics,
     run_rm,
 )
@@ -25,6 +24,7 @@ from alignkit.data.comparisons import encode_comparisons
 from alignkit.data.loading import load_records
 from alignkit.data.records import Message, PreferencePair, Ranking, user_prompt
 from alignkit.data.tokenize import IGNORE, collate, collate_packed, encode_prompt_completion, shared_prompt_length
+from alignkit.evaluation.metrics import expected_calibration_error
 from alignkit.models import SMOLLM2, TINY_LLAMA, load_model
 from alignkit.rewards.reward_model import CombinedReward, RewardModel, build_reward_model, load_reward_model
 from conftest import ROOT, builtin_rows, read_metrics, write_jsonl

@@ -228,8 +228,8 @@ def release_freed_memory(device: torch.device) -> None:
     glibc keeps freed heap memory for reuse, and the tensors of a step are freed in an order that leaves holes
     between the ones still alive: peak resident memory grows with the scattered remains of earlier passes. The
     engine calls `malloc_trim` before each backward pass (the forward's temporaries are gone) and after each
-    optimiser step (the activations and gradients are gone). SFT on the built-in model: peak 3.5 -> 3.3 GB
-    with both, 4.0 GB with neither, at no measurable cost in speed. GPU memory has its own caching allocator.
+    optimiser step (the activations and gradients are gone). That lowers the peak at no measurable cost in
+    speed (bench/README.md). GPU memory has its own caching allocator.
     """
     libc = _glibc() if device.type == "cpu" else None
     if libc is not None:
@@ -538,8 +538,8 @@ def train(
 
         steps = total_steps(config, stream, accelerator.num_processes)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        # The fused kernel updates each tensor in one pass with no temporaries: 3x faster than the default
-        # foreach path on the built-in model on a CPU (0.22 s instead of 0.70 s a step).
+        # The fused kernel updates each tensor in one pass with no temporaries: several times faster than the
+        # default foreach path on a CPU.
         optimizer = torch.optim.AdamW(
             trainable, lr=config.lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay, fused=True
         )

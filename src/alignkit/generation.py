@@ -24,11 +24,11 @@ from transformers.cache_utils import DynamicLayer
 from alignkit.config import SEEDS, at_least, within
 from alignkit.data.loading import load_records
 from alignkit.data.records import Prompt, PromptWithAnswer
-from alignkit.data.tokenize import IGNORE, Example, prompt_ids
+from alignkit.data.tokenize import IGNORE, Example, left_padded, prompt_ids
 from alignkit.errors import AlignkitError
 from alignkit.io import write_jsonl
 from alignkit.losses.policy import penalise_cut
-from alignkit.models import load_model, load_tokenizer, with_cache
+from alignkit.models import evaluating, load_model, load_tokenizer, with_cache
 from alignkit.options import ScorerOptions, require_sampling
 from alignkit.rewards.scorer import check_references
 from alignkit.rewards.verifiers import REWARD_TIMEOUT, build_scorer
@@ -92,10 +92,9 @@ def packed_linears(model: torch.nn.Module, rows: int) -> Iterator[None]:
     layout, made for `rows` input rows (as torch.compile's freezing does on a CPU).
 
     A decoding step multiplies a few rows by every weight matrix, where the plain fp32 matmul reaches a
-    fraction of the machine's peak: on the 2-core AVX2 CPU the output head of the built-in model took 26 ms
-    instead of 60 for 8 rows, an MLP projection 0.9 ms instead of 1.7. The copies cost one pass over the
-    weights per call and as much memory as the weights while it lasts; a module that already has its own
-    forward (an accelerate hook) keeps it.
+    fraction of the machine's peak and the blocked layout does markedly better (bench/README.md). The copies
+    cost one pass over the weights per call and as much memory as the weights while it lasts; a module that
+    already has its own forward (an accelerate hook) keeps it.
     """
     linears = [
         m for m in model.modules()
@@ -145,11 +144,8 @@ class TransformersGenerator:
         # Longest first: a fixed batch then holds prompts of similar length and little padding, and a prompt that
         # joins a running batch is no longer than the rows there, so it only ever pads itself.
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-        was_training = self.model.training
-        self.model.eval()
-        with packed_linears(self.model, min(len(prompts), self.batch_size) * params.n):
+        with evaluating(self.model), packed_linears(self.model, min(len(prompts), self.batch_size) * params.n):
             answers = self._sample_all(encoded, order, params)
-        self.model.train(was_training)
         return [
             Sample(prompt, ids, [
                 Completion(self.tokenizer.decode(tokens, skip_special_tokens=True), tokens, stop is not None, stop)
@@ -222,23 +218,17 @@ class TransformersGenerator:
         batch once the last has ended."""
         if not self.refill:
             return 0 if live_rows else min(waiting, self.batch_size)
-        # Waiting for more free rows to share a prefill would not pay: a prefill's cost is mostly per token (48
-        # IFEval prompts: 7.5 s in 7 passes, 8.9 s in 3), while a free row idles through every step it waits.
+        # Waiting for more free rows to share a prefill would not pay: a prefill's cost is mostly per token, so
+        # fewer, larger passes save little, while a free row idles through every step it waits.
         return min(waiting, (self.batch_size * n - live_rows) // n)
 
     def _prefill(self, batch: list[list[int]], n: int, slots: list[tuple[int, int]],
                  draws: torch.Tensor) -> tuple[_Rows, DynamicCache]:  # fmt: skip
         """Rows for the `n` completions of each prompt of `batch`, ready to feed its last token, and their cache."""
         device = draws.device
-        width = max(map(len, batch))
-        pad = self.tokenizer.pad_token_id
-        # Left padding keeps every prompt's last token in the last column, where sampling continues.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-        # Positions count real tokens only, as in training, where rows are right-padded from position 0.
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention, positions = left_padded(batch, self.tokenizer.pad_token_id, device)
         cache = DynamicCache(config=self.model.config)
-        if width > 1:
+        if input_ids.shape[1] > 1:
             # Prefix sharing: the prompt (all but its last token) runs once, then its cache is copied K times.
             self.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
                        **with_cache(self.model, cache), use_cache=True, logits_to_keep=1)  # fmt: skip

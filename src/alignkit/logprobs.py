@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from alignkit.data.tokenize import IGNORE, Batch, Example, collate, collate_packed, collate_packed_shared, collate_with_prefixes
-from alignkit.models import with_cache
+from alignkit.models import evaluating, with_cache
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
@@ -72,16 +72,14 @@ def keeps_packed_sequences_apart(owner: torch.nn.Module, body: Callable[..., Any
     examples = [e for group in groups for e in group]
     batch = collate_packed_shared(groups, 64, pad_id=0) if shared_prompts else collate_packed(examples, 64, pad_id=0)
     assert batch.ends is not None
-    was_training = owner.training
-    owner.eval()
     device = next(owner.parameters()).device
     batch = batch.to(device)
-    packed = body(
-        input_ids=batch.input_ids, attention_mask=attention_input(config, batch.attention_mask),
-        position_ids=batch.position_ids, use_cache=False,
-    ).last_hidden_state.flatten(0, 1)[batch.ends].float()  # fmt: skip
-    alone = [body(input_ids=torch.tensor([e.input_ids], device=device), use_cache=False).last_hidden_state[0, -1].float() for e in examples]
-    owner.train(was_training)
+    with evaluating(owner):
+        packed = body(
+            input_ids=batch.input_ids, attention_mask=attention_input(config, batch.attention_mask),
+            position_ids=batch.position_ids, use_cache=False,
+        ).last_hidden_state.flatten(0, 1)[batch.ends].float()  # fmt: skip
+        alone = [body(input_ids=torch.tensor([e.input_ids], device=device), use_cache=False).last_hidden_state[0, -1].float() for e in examples]
     return all(bool((mine - own).norm() <= 0.05 * own.norm()) for mine, own in zip(packed, alone))
 
 
@@ -125,8 +123,6 @@ class TokenLogprobModel(torch.nn.Module):
         """
         if any(getattr(m, "gradient_checkpointing", False) for m in base_model(self.model).modules()):
             return False
-        was_training = self.training
-        self.eval()
         device = next(self.parameters()).device
         prefixes, continuations = [[3, 5, 7, 9], [4, 6]], [[8, 10], [6], [5, 7, 9], [11, 3]]
         owner = [prefixes[i // 2] for i in range(len(continuations))]
@@ -134,15 +130,14 @@ class TokenLogprobModel(torch.nn.Module):
         assert shared.prefix is not None
         full = collate([[Example(p + c, [IGNORE] * len(p + c))] for p, c in zip(owner, continuations)], pad_id=0).to(device)
         try:
-            _, shared_hidden = self.logprobs_and_hidden(
-                shared.input_ids, shared.labels, shared.position_ids, shared.attention_mask,
-                shared.prefix.input_ids, shared.prefix.position_ids, shared.prefix.attention_mask,
-            )  # fmt: skip
-            _, full_hidden = self.logprobs_and_hidden(full.input_ids, full.labels, full.position_ids, full.attention_mask)
+            with evaluating(self):
+                _, shared_hidden = self.logprobs_and_hidden(
+                    shared.input_ids, shared.labels, shared.position_ids, shared.attention_mask,
+                    shared.prefix.input_ids, shared.prefix.position_ids, shared.prefix.attention_mask,
+                )  # fmt: skip
+                _, full_hidden = self.logprobs_and_hidden(full.input_ids, full.labels, full.position_ids, full.attention_mask)
         except UnfilledCache:
             return False
-        finally:
-            self.train(was_training)
         for i, (p, c) in enumerate(zip(owner, continuations)):
             mine, alone = shared_hidden[i, len(c) - 1].float(), full_hidden[i, len(p) + len(c) - 2].float()
             if (mine - alone).norm() > 0.05 * alone.norm():  # the tolerance only absorbs bf16 rounding
@@ -215,13 +210,11 @@ def batch_logprobs(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 @torch.no_grad()
 def mean_nll(model: TokenLogprobModel, examples: list[Example], pad_id: int, batch_size: int = 8) -> float:
     """Average negative log-likelihood per response token over `examples`."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate([[e] for e in examples[start : start + batch_size]], pad_id).to(device)
-        total -= batch_logprobs(model, batch).sum().item()
-        count += batch.n_targets
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(examples), batch_size):
+            batch = collate([[e] for e in examples[start : start + batch_size]], pad_id).to(device)
+            total -= batch_logprobs(model, batch).sum().item()
+            count += batch.n_targets
     return total / max(count, 1)

@@ -10,6 +10,7 @@ A model is named by a local directory, a Hugging Face hub id, or a built-in alia
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import importlib.util
@@ -17,6 +18,7 @@ import inspect
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,6 +240,17 @@ def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out: 
                 os.replace(staging / sub, out / sub)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluation mode (no dropout) inside; afterwards the mode the model had, training or not."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def describe(model: torch.nn.Module) -> dict[str, int]:

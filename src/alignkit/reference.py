@@ -22,23 +22,21 @@ import torch
 from alignkit.data.tokenize import Batch, Example, collate
 from alignkit.errors import AlignkitError
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
-from alignkit.models import model_fingerprint, resolve
+from alignkit.models import evaluating, model_fingerprint, resolve
 
 
 @torch.no_grad()
 def sequence_logprobs(model: TokenLogprobModel, examples: list[Example], pad_id: int, batch_size: int = 8) -> list[float]:
     """Summed target log-probs of each example, batched by similar length to waste little on padding."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     result = [0.0] * len(examples)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = collate([[examples[i]] for i in chunk], pad_id).to(device)
-        for i, value in zip(chunk, batch_logprobs(model, batch).sum(-1).tolist()):
-            result[i] = value
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = collate([[examples[i]] for i in chunk], pad_id).to(device)
+            for i, value in zip(chunk, batch_logprobs(model, batch).sum(-1).tolist()):
+                result[i] = value
     return result
 
 
@@ -124,6 +122,22 @@ def cached_reference_logprobs(
         finally:
             tmp.unlink(missing_ok=True)
     return logps
+
+
+def item_reference_logprobs(
+    model: TokenLogprobModel, model_name: str, sequences: list[Example], owned: list[list[int]], pad_id: int, cache: Path,
+    batch_size: int = 8, needed: Collection[int] | None = None,
+) -> list[list[float]]:  # fmt: skip
+    """Reference log-probs of each item's sequences (item i owns `sequences[j]` for j in `owned[i]`), through
+    `cache`, computed for the `needed` items only (default: all); NaN for the others'.
+
+    `sequences` is laid out as the cache stores it (its fingerprint depends on the order), so each algorithm
+    keeps its own layout: a comparison's responses one after another (DPO), every matched sequence then every
+    mismatched one (KTO).
+    """
+    needed_sequences = None if needed is None else [j for i in needed for j in owned[i]]
+    logps = cached_reference_logprobs(model, model_name, sequences, pad_id, cache, batch_size, needed_sequences)
+    return [[logps[j] for j in indices] for indices in owned]
 
 
 def policy_reference(policy: TokenLogprobModel) -> TokenLogprobModel:

@@ -32,9 +32,9 @@ from alignkit.io import locks_output, write_jsonl
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses import preference as L
 from alignkit.losses.preference import PreferenceLoss
-from alignkit.models import describe, load_tokenizer, save_model
+from alignkit.models import describe, evaluating, load_tokenizer, save_model
 from alignkit.options import DataOptions, ModelOptions, ScorerOptions
-from alignkit.reference import cached_reference_logprobs, held_out_cache, reference_cache
+from alignkit.reference import held_out_cache, item_reference_logprobs, reference_cache
 
 DEFAULT_BETA = {PreferenceLoss.SIMPO: 2.0}
 
@@ -211,17 +211,15 @@ def as_pairs(records: list) -> list[PreferencePair]:
 @torch.no_grad()
 def evaluate_pairs(model: TokenLogprobModel, config: DPOConfig, comparisons: list[Comparison], pad_id: int) -> dict[str, float]:
     """Held-out loss and preference accuracy of the implicit reward (a tie counts half)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total_loss, correct, margin = 0.0, 0.0, 0.0
-    for start in range(0, len(comparisons), config.batch_size):
-        cb = collate_comparisons(comparisons[start : start + config.batch_size], pad_id).to(device)
-        loss, reward_c, reward_r = preference_loss(config, pair_logps(model, cb, config.reference, config.kind.needs_reference))
-        total_loss += loss.sum().item()
-        correct += ((reward_c > reward_r).float() + 0.5 * (reward_c == reward_r).float()).sum().item()
-        margin += (reward_c - reward_r).sum().item()
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(comparisons), config.batch_size):
+            cb = collate_comparisons(comparisons[start : start + config.batch_size], pad_id).to(device)
+            loss, reward_c, reward_r = preference_loss(config, pair_logps(model, cb, config.reference, config.kind.needs_reference))
+            total_loss += loss.sum().item()
+            correct += ((reward_c > reward_r).float() + 0.5 * (reward_c == reward_r).float()).sum().item()
+            margin += (reward_c - reward_r).sum().item()
     n = max(len(comparisons), 1)
     return {"loss": total_loss / n, "accuracy": correct / n, "margin": margin / n}
 
@@ -234,11 +232,11 @@ def attach_reference(
     starts = [0]
     for c in comparisons:
         starts.append(starts[-1] + len(c.responses))
-    needed_responses = None if needed is None else [r for i in needed for r in range(starts[i], starts[i + 1])]
     responses = [r for c in comparisons for r in c.responses]
-    logps = cached_reference_logprobs(policy, config.model, responses, pad_id, cache, config.batch_size, needed_responses)
-    for i, c in enumerate(comparisons):
-        c.ref_logps = logps[starts[i] : starts[i + 1]]
+    owned = [list(range(starts[i], starts[i + 1])) for i in range(len(comparisons))]
+    logps = item_reference_logprobs(policy, config.model, responses, owned, pad_id, cache, config.batch_size, needed)
+    for c, mine in zip(comparisons, logps):
+        c.ref_logps = mine
 
 
 def onpolicy_pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

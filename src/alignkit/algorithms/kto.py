@@ -24,9 +24,9 @@ from alignkit.errors import AlignkitError
 from alignkit.io import locks_output
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs
 from alignkit.losses.preference import kto_loss
-from alignkit.models import describe, load_tokenizer, save_model
+from alignkit.models import describe, evaluating, load_tokenizer, save_model
 from alignkit.options import DataOptions, ModelOptions
-from alignkit.reference import cached_reference_logprobs, held_out_cache, reference_cache
+from alignkit.reference import held_out_cache, item_reference_logprobs, reference_cache
 
 
 @dataclass
@@ -156,16 +156,14 @@ def kto_terms(model: torch.nn.Module, batch: KTOBatch, config: KTOConfig) -> tup
 @torch.no_grad()
 def evaluate_kto(model: TokenLogprobModel, examples: list[KTOExample], config: KTOConfig, pad_id: int) -> dict[str, float]:
     """Held-out KTO loss and how often the sign of the implicit reward agrees with the label."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     loss, agree = 0.0, 0.0
-    for start in range(0, len(examples), config.batch_size):
-        batch = collate_kto(examples[start : start + config.batch_size], pad_id).to(device)
-        losses, rewards, _ = kto_terms(model, batch, config)
-        loss += losses.sum().item()
-        agree += torch.where(batch.desirable, rewards > 0, rewards < 0).float().sum().item()
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(examples), config.batch_size):
+            batch = collate_kto(examples[start : start + config.batch_size], pad_id).to(device)
+            losses, rewards, _ = kto_terms(model, batch, config)
+            loss += losses.sum().item()
+            agree += torch.where(batch.desirable, rewards > 0, rewards < 0).float().sum().item()
     return {"loss": loss / max(len(examples), 1), "accuracy": agree / max(len(examples), 1)}
 
 
@@ -175,10 +173,10 @@ def attach_reference(
 ) -> None:  # fmt: skip
     """Reference log-probs of the `needed` examples (default: all) and their mismatched pairs; NaN for the others."""
     sequences = [e.matched for e in examples] + [e.mismatched for e in examples]
-    needed_sequences = None if needed is None else [j for i in needed for j in (i, len(examples) + i)]
-    logps = cached_reference_logprobs(policy, config.model, sequences, pad_id, cache, config.batch_size, needed_sequences)
-    for i, example in enumerate(examples):
-        example.ref = (logps[i], logps[len(examples) + i])
+    owned = [[i, len(examples) + i] for i in range(len(examples))]
+    logps = item_reference_logprobs(policy, config.model, sequences, owned, pad_id, cache, config.batch_size, needed)
+    for example, (matched, mismatched) in zip(examples, logps):
+        example.ref = (matched, mismatched)
 
 
 @locks_output

@@ -48,7 +48,7 @@ from alignkit.losses.policy import (
     penalise_cut,
     sequence_rewards_to_tokens,
 )
-from alignkit.models import describe, save_model
+from alignkit.models import describe, evaluating, save_model
 from alignkit.reference import policy_reference, reference_logps
 from alignkit.rewards.reward_model import load_reward_model
 from alignkit.rewards.scorer import Scorer
@@ -241,11 +241,9 @@ class PPORollouts:
         batch = collate(rollout_rows(samples), self.pad_id)
         device = next(self.model.parameters()).device
         on_device = batch.to(device)
-        was_training = self.model.training
-        self.model.eval()
-        old_logps, values = self.model(on_device.input_ids, on_device.labels, on_device.position_ids, on_device.attention_mask)
-        ref = reference_logps(self.reference, on_device)
-        self.model.train(was_training)
+        with evaluating(self.model):
+            old_logps, values = self.model(on_device.input_ids, on_device.labels, on_device.position_ids, on_device.attention_mask)
+            ref = reference_logps(self.reference, on_device)
         mask = (on_device.labels != IGNORE).float()
         kl_tokens = kl_penalty(old_logps, ref, "k1") * mask
         baseline = scores.view(-1, k).mean(-1).repeat_interleave(k) if config.score_baseline == "group" else 0.0

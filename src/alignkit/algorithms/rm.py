@@ -46,6 +46,7 @@ from alignkit.data.records import PreferencePair, Prompt, Ranking
 from alignkit.data.tokenize import TruncationReport
 from alignkit.engine import EngineConfig, Shuffled, make_accelerator, train
 from alignkit.errors import AlignkitError, DataError
+from alignkit.evaluation.metrics import expected_calibration_error
 from alignkit.io import locks_output
 from alignkit.losses.preference import bradley_terry_loss
 from alignkit.models import describe
@@ -171,24 +172,6 @@ def collate_for_rm(chunk: Sequence[Comparison], pad_id: int, use_margins: bool, 
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
-
-
-def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 10) -> float:
-    """ECE = Σ_b (n_b / N) · |accuracy_b − mean confidence_b| over `bins` equal-width bins of [0, 1].
-
-    Guo et al. 2017, "On Calibration of Modern Neural Networks". A confidence of exactly 1 falls in the
-    last bin.
-    """
-    confidence, correct = confidence.double().flatten(), correct.double().flatten()
-    if confidence.numel() == 0:
-        return float("nan")
-    index = (confidence * bins).long().clamp(0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        in_bin = index == b
-        if in_bin.any():
-            total += in_bin.double().mean().item() * abs(correct[in_bin].mean().item() - confidence[in_bin].mean().item())
-    return total
 
 
 def preference_metrics(better: torch.Tensor, worse: torch.Tensor, bins: int = 10) -> dict[str, float]:

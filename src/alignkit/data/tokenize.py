@@ -123,6 +123,19 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
     return tokenizer(_render(tokenizer, prompt, generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts [B, T] left-padded to the longest, their attention mask and their position ids.
+
+    Left padding puts every prompt's last token in the last column, where generation continues and where a
+    judge reads its answer. Positions count real tokens only, as in training (rows right-padded from
+    position 0), so a padded prompt is read exactly as it would be alone.
+    """
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
+    return input_ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
+
+
 def truncate(examples: list[Example], max_length: int) -> tuple[list[Example], TruncationReport]:
     """Cut examples to `max_length` tokens from the right; drop those left with nothing to learn."""
     report = TruncationReport(max_length, examples=len(examples))

@@ -53,7 +53,7 @@ from alignkit.evaluation.tracking import evaluate_rewards
 from alignkit.generation import SamplingParams, Sample, TransformersGenerator, rollout_rows
 from alignkit.io import write_jsonl
 from alignkit.logprobs import TokenLogprobModel, batch_logprobs, mean_nll
-from alignkit.models import load_model, load_tokenizer
+from alignkit.models import evaluating, load_model, load_tokenizer
 from alignkit.options import ScorerOptions
 from alignkit.rewards.scorer import check_references
 from alignkit.rewards.verifiers import build_scorer
@@ -187,14 +187,12 @@ def answer_logprobs(model: TokenLogprobModel, samples: list[Sample], pad_id: int
     device = next(model.parameters()).device
     logps = torch.zeros(len(rows), width, dtype=torch.float64)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(rows), batch_size):
-        batch = collate(rows[start : start + batch_size], pad_id).to(device)
-        out = batch_logprobs(model, batch).double().cpu()
-        logps[start : start + out.shape[0], : out.shape[1]] = out
-        mask[start : start + out.shape[0], : out.shape[1]] = (batch.labels != IGNORE).cpu()
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size], pad_id).to(device)
+            out = batch_logprobs(model, batch).double().cpu()
+            logps[start : start + out.shape[0], : out.shape[1]] = out
+            mask[start : start + out.shape[0], : out.shape[1]] = (batch.labels != IGNORE).cpu()
     return logps, mask
 
 

@@ -41,6 +41,7 @@ from alignkit.evaluation.metrics import distinct_n
 from alignkit.generation import Sample, SamplingParams, TransformersGenerator, rollout_rows
 from alignkit.io import write_jsonl
 from alignkit.logprobs import TokenLogprobModel
+from alignkit.models import evaluating
 from alignkit.options import RolloutOptions
 from alignkit.reference import as_reference, sequence_logprobs
 from alignkit.rewards.scorer import Scorer, check_references
@@ -76,15 +77,12 @@ def untouched(model: torch.nn.Module) -> Iterator[None]:
     A scorer may draw from Python's, NumPy's or torch's generators (generation itself draws from its own, per
     prompt); without this, dropout and any other draw of the next training step would differ.
     """
-    was_training = model.training
     python_state, numpy_state = random.getstate(), np.random.get_state()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        model.eval()
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), evaluating(model):
         try:
             yield
         finally:
-            model.train(was_training)
             random.setstate(python_state)
             np.random.set_state(numpy_state)
 

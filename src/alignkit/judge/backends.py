@@ -39,7 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from alignkit.data.records import user_prompt
-from alignkit.data.tokenize import prompt_ids
+from alignkit.data.tokenize import left_padded, prompt_ids
 from alignkit.errors import AlignkitError
 
 ANSWER_LETTERS = ("A", "B")
@@ -109,14 +109,7 @@ class TransformersJudge:
         return out
 
     def _batch(self, batch: list[list[int]]) -> list[float]:
-        device = next(self.model.parameters()).device
-        width = max(map(len, batch))
-        pad = self.tokenizer.pad_token_id
-        # Left padding puts every prompt's last token in the last column, whose logits are the only ones we need.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-        # Positions count real tokens only, so a padded prompt is read exactly as it would be alone.
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention, positions = left_padded(batch, self.tokenizer.pad_token_id, next(self.model.parameters()).device)
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._keep_last else {}
         logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, **kwargs).logits
         pair = logits[:, -1, self.token_ids].float()  # [B, 2]: z_A, z_B

@@ -223,7 +223,7 @@ def _configure_sqlite(engine: Engine) -> None:
         if not options.get("alignkit_write"):
             conn.exec_driver_sql("BEGIN")
             return
-        # FULL syncs the WAL to disk at commit (≈ 3 ms here); NORMAL leaves it to the next synced commit or
+        # FULL syncs the WAL to disk at every commit; NORMAL leaves it to the next synced commit or
         # checkpoint. Mixing them per transaction is safe: WAL frames are appended in order, and a FULL
         # commit syncs every frame before it.
         conn.exec_driver_sql(f"PRAGMA synchronous={'FULL' if options.get('alignkit_durable', True) else 'NORMAL'}")

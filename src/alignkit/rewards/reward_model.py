@@ -43,7 +43,7 @@ from alignkit.errors import AlignkitError
 from alignkit.fused import lean_activations
 from alignkit.io import write_json
 from alignkit.logprobs import attention_input, keeps_packed_sequences_apart
-from alignkit.models import LoraSettings, apply_lora, enable_activation_checkpointing, load_model, load_tokenizer, resolve, save_model
+from alignkit.models import LoraSettings, apply_lora, enable_activation_checkpointing, evaluating, load_model, load_tokenizer, resolve, save_model
 from alignkit.rewards.scorer import Scorer  # the one scorer interface: score(prompts, completions[, references]) -> [N]
 
 HEAD_FILE = "reward_head.safetensors"
@@ -225,8 +225,6 @@ class RewardModel(nn.Module):
         batched by similar length to waste little on padding."""
         if not examples:
             return torch.zeros(0)
-        was_training = self.training
-        self.eval()
         device = self.head.weight.device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
         order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
@@ -237,13 +235,13 @@ class RewardModel(nn.Module):
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="scoring", unit="batch")
-        for start in starts:
-            chunk = order[start : start + self.batch_size]
-            items = [examples[i] for i in chunk]
-            batch = collate_packed(items, self.max_length, pad_id) if packs else collate([[e] for e in items], pad_id)
-            batch = batch.to(device)
-            result[chunk] = self(batch.input_ids, batch.attention_mask, batch.position_ids, batch.ends).cpu()
-        self.train(was_training)
+        with evaluating(self):
+            for start in starts:
+                chunk = order[start : start + self.batch_size]
+                items = [examples[i] for i in chunk]
+                batch = collate_packed(items, self.max_length, pad_id) if packs else collate([[e] for e in items], pad_id)
+                batch = batch.to(device)
+                result[chunk] = self(batch.input_ids, batch.attention_mask, batch.position_ids, batch.ends).cpu()
         return self.normalise(result) if normalised else result
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
